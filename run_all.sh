@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Regenerate every table, figure and the HTML report of the study (or run the tests).
+#
+#   ./run_all.sh [--profile smoke|cpu|paper] [--seed N] [--data-root DIR] [--only SECTION]...
+#                [--bench-host HOST] [--fresh] [--build-dir DIR]
+#   ./run_all.sh --test [pytest args...]     # set up, then run the test suite
+#   ./run_all.sh --setup-only                # only create/refresh .venv
+#
+# Set-up is automatic: .venv is created (or reused) with Python 3.11, the package is
+# installed with its pinned dependencies, and a Jupyter kernel "segcompress" is added.
+# Outputs: build/<profile>/{notebooks,tables,figures}/, build/<profile>/run.json and
+# build/<profile>/report.html. Exit: 0 ok, 1 a notebook (or test) failed, 2 bad arguments.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SECTIONS="baselines distillation structured_pruning head_pruning iterative_pruning quantization bilevel_search deployment"
+die() { echo "run_all.sh: $*" >&2; echo "usage: see the header of run_all.sh or README.md" >&2; exit 2; }
+
+mode=run; args=()
+if [[ "${1:-}" == "--test" ]]; then mode=test; shift
+elif [[ "${1:-}" == "--setup-only" ]]; then mode=setup; shift
+fi
+if [[ $mode == run ]]; then
+  # Check the options before anything is written (python re-checks them, and the data root).
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --profile) [[ $# -ge 2 ]] || die "--profile needs a value"
+                 [[ "$2" =~ ^(smoke|cpu|paper)$ ]] || die "--profile: unknown profile '$2' (smoke, cpu or paper)"
+                 args+=("$1" "$2"); shift 2 ;;
+      --seed) [[ $# -ge 2 && "$2" =~ ^[0-9]+$ ]] || die "--seed needs a non-negative integer, got '${2:-}'"
+              args+=("$1" "$2"); shift 2 ;;
+      --data-root) [[ $# -ge 2 ]] || die "--data-root needs a directory"
+                   [[ -d "$2" ]] || die "--data-root: '$2' is not a directory"
+                   args+=("$1" "$2"); shift 2 ;;
+      --only) [[ $# -ge 2 ]] || die "--only needs a section"
+              [[ " $SECTIONS " == *" $2 "* ]] || die "--only: unknown section '$2' (one of: $SECTIONS)"
+              args+=("$1" "$2"); shift 2 ;;
+      --bench-host) [[ $# -ge 2 && -n "$2" ]] || die "--bench-host needs a host name"
+                    args+=("$1" "$2"); shift 2 ;;
+      --build-dir) [[ $# -ge 2 ]] || die "--build-dir needs a directory"; args+=("$1" "$2"); shift 2 ;;
+      --fresh) args+=("$1"); shift ;;
+      -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+      *) die "unknown option '$1'" ;;
+    esac
+  done
+fi
+
+# ---------------------------------------------------------------- set-up (idempotent)
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv with $($PY --version 2>&1)"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.segcompress-installed
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [[ ! -f $stamp || "$(cat $stamp)" != "$want" ]]; then
+  echo "setup: installing the study package and its pinned dependencies (first time: a few minutes)"
+  t0=$SECONDS
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  .venv/bin/python -m ipykernel install --sys-prefix --name segcompress --display-name "segcompress (study)" >/dev/null
+  echo "$want" > $stamp
+  echo "setup: done in $((SECONDS - t0)) s"
+fi
+export PYTHONHASHSEED=0 MPLBACKEND=Agg
+
+case $mode in
+  setup) exit 0 ;;
+  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  run) exec .venv/bin/python -m study.report run "${args[@]}" ;;
+esac
