@@ -63,7 +63,7 @@ if [[ ! -f $stamp || "$(cat $stamp)" != "$want" ]]; then
   echo "$want" > $stamp
   echo "setup: done in $((SECONDS - t0)) s"
 fi
-export PYTHONHASHSEED=0 MPLBACKEND=Agg
+export PYTHONHASHSEED=0 MPLBACKEND=Agg SEGCOMPRESS_KERNEL=${SEGCOMPRESS_KERNEL:-segcompress}
 
 case $mode in
   setup) exit 0 ;;

@@ -79,10 +79,10 @@ PROFILES = {
         bench_warmup_s=0.05, bench_min_s=0.1, bench_min_runs=5, search_steps=4,
     ),
     "cpu": Profile(
-        name="cpu", image_size=128, crop_size=128, n_train=480, n_val=96, batch_size=8,
-        student_steps=900, teacher_steps=1200, finetune_steps=150, eval_every=300, lr=2e-3,
+        name="cpu", image_size=96, crop_size=96, n_train=320, n_val=64, batch_size=8,
+        student_steps=300, teacher_steps=600, finetune_steps=60, eval_every=150, lr=2e-3,
         seeds=(0, 1, 2), sparsities=(0.2, 0.45, 0.6, 0.8), calib_images=32,
-        bench_warmup_s=1.0, bench_min_s=3.0, bench_min_runs=50, search_steps=150,
+        bench_warmup_s=1.0, bench_min_s=3.0, bench_min_runs=50, search_steps=120,
     ),
     "paper": Profile(
         name="paper", image_size=512, crop_size=384, n_train=1021, n_val=100, batch_size=16,

@@ -1,0 +1,95 @@
+"""Every notebook executes in the smoke profile through the real runner, and writes its table.
+
+Also: a failing notebook does not stop the others, and the same profile and seed give the
+same non-timing table values.
+"""
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+import study
+from study import BASE_COLUMNS, NOTEBOOKS
+from study import report as runner
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = re.compile(r"latency|seconds|_s$|fps|rss|ram_|swap|power|cpu_hours|speedup|load_s|_ms")
+
+
+@pytest.fixture(scope="session")
+def smoke_build(tmp_path_factory):
+    build = tmp_path_factory.mktemp("build")
+    rec = runner.run("smoke", seed=0, build_dir=str(build), kernel="python3")
+    return build, rec
+
+
+def test_all_notebooks_have_parameters_cell_and_no_outputs():
+    for stem in NOTEBOOKS:
+        nb = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert "parameters" in code[0].metadata.get("tags", []), stem
+        for name in ("profile", "seed", "data_root", "build_dir", "fresh", "bench_host"):
+            assert re.search(rf"^{name} = ", code[0].source, re.M), (stem, name)
+        assert not any(c.get("outputs") for c in code), f"{stem} is stored with outputs"
+
+
+@pytest.mark.parametrize("stem", list(NOTEBOOKS))
+def test_notebook_runs_in_smoke_and_writes_its_table(smoke_build, stem):
+    build, rec = smoke_build
+    nbrec = {n["name"]: n for n in rec["notebooks"]}[stem]
+    assert nbrec["status"] == "ok", f"{stem} failed at cell {nbrec['failed_cell']}: {nbrec['error']}"
+    for section in NOTEBOOKS[stem]:
+        df = pd.read_csv(build / "smoke" / "tables" / f"{section}.csv")
+        assert list(df.columns[: len(BASE_COLUMNS)]) == list(BASE_COLUMNS)
+        assert len(df) > 0 and (df["section"] == section).all()
+        assert (build / "smoke" / "tables" / f"{section}.md").exists()
+        assert list((build / "smoke" / "figures").glob(f"{section}_*.png")), f"no figure for {section}"
+
+
+def test_run_json_and_report(smoke_build):
+    build, rec = smoke_build
+    on_disk = json.loads((build / "smoke" / "run.json").read_text())
+    for key in ("git_commit", "packages", "cpu_model", "cpu_cores", "seed", "profile", "notebooks"):
+        assert key in on_disk
+    assert all("seconds" in n and "status" in n for n in on_disk["notebooks"])
+    html = (build / "smoke" / "report.html").read_text()
+    assert "Contents" in html and "hide-code" in html
+    for stem in NOTEBOOKS:
+        assert f"id='{stem}'" in html
+
+
+def test_same_seed_same_tables(smoke_build, tmp_path):
+    """Re-running the baselines from scratch (fresh cache) reproduces every non-timing value."""
+    build, _ = smoke_build
+    rec = runner.run("smoke", seed=0, build_dir=str(tmp_path), sections=["baselines"], fresh=True,
+                     kernel="python3", report=False)
+    assert rec["failed"] == []
+    a = pd.read_csv(build / "smoke" / "tables" / "baselines.csv")
+    b = pd.read_csv(tmp_path / "smoke" / "tables" / "baselines.csv")
+    cols = [c for c in a.columns if not TIMING.search(c)]
+    assert "miou" in cols and "gmacs" in cols
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+
+
+def test_failing_notebook_does_not_stop_the_others(tmp_path, monkeypatch):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    def write(stem, src):
+        nb = nbformat.v4.new_notebook(cells=[
+            nbformat.v4.new_code_cell('profile = "smoke"\nseed = 0\ndata_root = ""\nbuild_dir = ""\nfresh = False\nbench_host = ""',
+                                      metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell(src)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, nbdir / f"{stem}.ipynb")
+    write("a_fails", "raise RuntimeError('boom in a')")
+    write("b_works", "x = 1 + 1")
+    monkeypatch.setattr(runner, "NB_DIR", nbdir)
+    monkeypatch.setattr(runner, "NOTEBOOKS", {"a_fails": ("baselines",), "b_works": ("distillation",)})
+    rec = runner.run("smoke", build_dir=str(tmp_path / "b"), kernel="python3", report=False)
+    st = {n["name"]: n for n in rec["notebooks"]}
+    assert st["a_fails"]["status"] == "failed" and "boom in a" in st["a_fails"]["error"]
+    assert st["b_works"]["status"] == "ok"
+    assert rec["failed"] == ["a_fails"]
