@@ -1,0 +1,562 @@
+"""Knowledge distillation (KD) of a small segmenter from a large teacher (section ``distillation``).
+
+Losses (all return a scalar float tensor; logits are float ``(N, C, H, W)``, targets int64
+``(N, H, W)`` with :data:`study.IGNORE_INDEX` marking pixels to skip):
+
+- :func:`kd_kl` - Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural
+  Network": per-pixel ``KL(softmax(t/T) || softmax(s/T))`` averaged over labelled pixels,
+  multiplied by ``T**2`` so its gradient magnitude does not shrink as ``T`` grows.
+- :func:`kd_mse` - what source 000's public code does: mean squared error between the
+  student's and the teacher's raw logits, added to the segmentation loss with weight 1.
+- :class:`FeatureAdapters` + :func:`feature_mse` - FitNets (Romero et al., ICLR 2015)
+  hints: a 1x1 convolution per pyramid stage maps the student's feature width to the
+  teacher's, and the squared error to the teacher's feature is minimised.
+- :func:`cwd_loss` - Channel-wise Distillation (Shu et al., ICCV 2021, "Channel-wise
+  Knowledge Distillation for Dense Prediction"): each channel's logit map is turned into
+  a spatial distribution ``softmax_{hw}(y/T)``; the loss is the KL divergence teacher ->
+  student summed over positions, averaged over ``N*C`` channel maps, times ``T**2``.
+
+Training: :func:`make_kd_loss` builds the ``loss_fn(model, images, masks)`` that
+:func:`study.train.train` accepts (segmentation loss + ``kd_weight`` * KD term +
+``feat_weight`` * hint term); :func:`distill_student` trains and caches one student;
+:func:`kd_student` is the KD student the pruning, quantization and deployment sections
+start from (see its docstring for the choice rule).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import IGNORE_INDEX
+
+METHODS = ("none", "kl", "mse", "kl+feat", "cwd")
+MAIN_STUDENT = "upernet_mobilevit_s"
+#: Configuration used by :func:`kd_student` when notebook 01 has not chosen one yet.
+FALLBACK_CHOICE = {"method": "kl", "temperature": 2.0, "kd_weight": 1.0, "feat_weight": 0.0}
+
+
+# --------------------------------------------------------------------------- losses
+
+def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, where: str) -> None:
+    if student_logits.dim() != 4 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"{where}: student and teacher logits must both be (N, C, H, W) of the "
+                         f"same shape, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+
+
+def _valid_mask(target: torch.Tensor | None, logits: torch.Tensor, where: str) -> torch.Tensor | None:
+    """Bool (N, H, W) mask of labelled pixels, or None when ``target`` is None."""
+    if target is None:
+        return None
+    n, _, h, w = logits.shape
+    if tuple(target.shape) != (n, h, w):
+        raise ValueError(f"{where}: target must be (N, H, W) = {(n, h, w)}, got {tuple(target.shape)}")
+    return target != IGNORE_INDEX
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None = None,
+          T: float = 1.0) -> torch.Tensor:
+    """Hinton et al. (2015) soft-target KD loss for dense prediction.
+
+    ``T**2 * mean_{valid pixels} sum_c p_t,c (log p_t,c - log p_s,c)`` with
+    ``p = softmax(logits / T)`` over the class axis.
+
+    Args:
+        student_logits: float ``(N, C, H, W)`` (gradients flow through it).
+        teacher_logits: float ``(N, C, H, W)`` (treated as constant: detached).
+        target: int64 ``(N, H, W)`` labels; pixels equal to ``IGNORE_INDEX`` (255) are
+            excluded from the mean. None: every pixel counts.
+        T: softmax temperature (> 0).
+
+    Returns:
+        scalar float32 tensor >= 0 (0 when no pixel is labelled).
+
+    Raises:
+        ValueError: shape mismatch or ``T <= 0``.
+    """
+    _check_logits(student_logits, teacher_logits, "kd_kl")
+    if T <= 0:
+        raise ValueError(f"kd_kl: temperature must be > 0, got {T}")
+    log_ps = F.log_softmax(student_logits.float() / T, dim=1)
+    log_pt = F.log_softmax(teacher_logits.detach().float() / T, dim=1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)  # (N, H, W)
+    valid = _valid_mask(target, student_logits, "kd_kl")
+    if valid is not None:
+        if not bool(valid.any()):
+            return student_logits.sum() * 0.0
+        kl = kl[valid]
+    return kl.mean() * (T * T)
+
+
+def kd_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+           target: torch.Tensor | None = None) -> torch.Tensor:
+    """Source 000's KD term: mean squared error between raw student and teacher logits.
+
+    Source 000's public code adds ``MSE(student_logits, teacher_logits)`` (weight 1) to
+    the OHEM cross-entropy. With ``target=None`` (or no ignored pixel) this equals
+    ``F.mse_loss(student_logits, teacher_logits)`` exactly; ignored pixels, if any, are
+    left out of the mean (a choice of this study: they carry no label and on LPCVC are
+    padding).
+
+    Args:
+        student_logits, teacher_logits: float ``(N, C, H, W)``; the teacher is detached.
+        target: int64 ``(N, H, W)`` or None.
+
+    Returns:
+        scalar float32 tensor >= 0 (mean over classes and valid pixels).
+
+    Raises:
+        ValueError: shape mismatch.
+    """
+    _check_logits(student_logits, teacher_logits, "kd_mse")
+    sq = (student_logits.float() - teacher_logits.detach().float()).pow(2).mean(1)  # (N, H, W)
+    valid = _valid_mask(target, student_logits, "kd_mse")
+    if valid is not None:
+        if not bool(valid.any()):
+            return student_logits.sum() * 0.0
+        sq = sq[valid]
+    return sq.mean()
+
+
+def cwd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021).
+
+    For every image n and channel c, ``phi(y) = softmax over the H*W positions of y / T``;
+    the loss is ``T**2 / (N*C) * sum_{n,c} KL(phi(t_nc) || phi(s_nc))``. Every pixel takes
+    part (the distributions are spatial, so there is no per-pixel ignore mask, as in the
+    paper).
+
+    Args:
+        student_logits, teacher_logits: float ``(N, C, H, W)`` of equal shape (teacher detached).
+        T: temperature (> 0).
+
+    Returns:
+        scalar float32 tensor >= 0.
+
+    Raises:
+        ValueError: shape mismatch or ``T <= 0``.
+    """
+    _check_logits(student_logits, teacher_logits, "cwd_loss")
+    if T <= 0:
+        raise ValueError(f"cwd_loss: temperature must be > 0, got {T}")
+    n, c, h, w = student_logits.shape
+    s = student_logits.float().reshape(n * c, h * w) / T
+    t = teacher_logits.detach().float().reshape(n * c, h * w) / T
+    log_pt = F.log_softmax(t, dim=1)
+    kl = (log_pt.exp() * (log_pt - F.log_softmax(s, dim=1))).sum()
+    return kl * (T * T) / (n * c)
+
+
+class FeatureAdapters(nn.Module):
+    """FitNets regressors (Romero et al., 2015): one 1x1 conv per pyramid stage.
+
+    Args:
+        student_channels: widths of the student's features, e.g. ``[64, 96, 128, 160]``.
+        teacher_channels: widths of the teacher's features, e.g. ``[96, 192, 384, 768]``
+            (same number of stages).
+
+    Raises:
+        ValueError: different numbers of stages or a non-positive width.
+    """
+
+    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int]):
+        super().__init__()
+        sc, tc = [int(c) for c in student_channels], [int(c) for c in teacher_channels]
+        if len(sc) != len(tc) or not sc or min(sc + tc) <= 0:
+            raise ValueError(f"FeatureAdapters: need the same number of positive widths, got "
+                             f"student {sc} and teacher {tc}")
+        self.student_channels, self.teacher_channels = sc, tc
+        self.convs = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(sc, tc))
+
+    def forward(self, feats: Sequence[torch.Tensor],
+                sizes: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+        """Map student features to teacher widths.
+
+        Args:
+            feats: list of float ``(N, student_channels[i], H_i, W_i)``.
+            sizes: optional ``(H, W)`` per stage (the teacher's); a mapped feature of
+                another size is bilinearly resized to it.
+
+        Returns:
+            list of float ``(N, teacher_channels[i], H_i', W_i')``.
+
+        Raises:
+            ValueError: wrong number of features or channel mismatch.
+        """
+        if len(feats) != len(self.convs):
+            raise ValueError(f"FeatureAdapters: expected {len(self.convs)} features, got {len(feats)}")
+        out = []
+        for i, (f, conv) in enumerate(zip(feats, self.convs)):
+            if f.shape[1] != conv.in_channels:
+                raise ValueError(f"FeatureAdapters: stage {i} has {f.shape[1]} channels, "
+                                 f"expected {conv.in_channels}")
+            y = conv(f)
+            if sizes is not None and tuple(y.shape[-2:]) != tuple(sizes[i]):
+                y = F.interpolate(y, size=tuple(sizes[i]), mode="bilinear", align_corners=False)
+            out.append(y)
+        return out
+
+
+def feature_mse(adapted: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FitNets hint loss: mean over stages of ``MSE(adapted_i, teacher_i)``.
+
+    Args:
+        adapted: student features already mapped by :class:`FeatureAdapters`, float
+            ``(N, C_t,i, h, w)``; resized bilinearly to the teacher's size if it differs.
+        teacher_feats: float ``(N, C_t,i, H_i, W_i)`` (detached).
+
+    Returns:
+        scalar float32 tensor >= 0.
+
+    Raises:
+        ValueError: different numbers of stages, or channel / batch mismatch.
+    """
+    if len(adapted) != len(teacher_feats) or not adapted:
+        raise ValueError(f"feature_mse: {len(adapted)} student vs {len(teacher_feats)} teacher features")
+    total = 0.0
+    for i, (a, t) in enumerate(zip(adapted, teacher_feats)):
+        if a.shape[:2] != t.shape[:2]:
+            raise ValueError(f"feature_mse: stage {i}: adapted {tuple(a.shape)} vs teacher {tuple(t.shape)}")
+        if a.shape[-2:] != t.shape[-2:]:
+            a = F.interpolate(a, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        total = total + F.mse_loss(a.float(), t.detach().float())
+    return total / len(adapted)
+
+
+# --------------------------------------------------------------------------- training glue
+
+@dataclass
+class KDConfig:
+    """One distillation setting.
+
+    Attributes:
+        method: ``"none"`` (segmentation loss only), ``"kl"`` (:func:`kd_kl`), ``"mse"``
+            (:func:`kd_mse`, source 000), ``"kl+feat"`` (:func:`kd_kl` + FitNets hints),
+            ``"cwd"`` (:func:`cwd_loss`).
+        temperature: T of ``kl``, ``kl+feat`` and ``cwd`` (ignored otherwise).
+        kd_weight: weight of the logit KD term.
+        feat_weight: weight of the feature term (``kl+feat`` only).
+    """
+
+    method: str = "kl"
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    feat_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"KDConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.temperature <= 0 or self.kd_weight < 0 or self.feat_weight < 0:
+            raise ValueError(f"KDConfig: temperature must be > 0 and weights >= 0, got {self}")
+        if self.method == "kl+feat" and self.feat_weight == 0:
+            raise ValueError("KDConfig: method 'kl+feat' needs feat_weight > 0")
+
+    @property
+    def tag(self) -> str:
+        """Short name used in cache tags, e.g. ``kl-T2-w1``."""
+        if self.method == "none":
+            return "none"
+        if self.method == "mse":
+            return f"mse-w{self.kd_weight:g}"
+        t = f"{self.method.replace('+', '')}-T{self.temperature:g}-w{self.kd_weight:g}"
+        return t + (f"-f{self.feat_weight:g}" if self.method == "kl+feat" else "")
+
+
+class KDStudent(nn.Module):
+    """Student plus FitNets adapters, so that one optimizer trains both during KD.
+
+    ``forward(x)`` returns the student's logits (so :func:`study.train.evaluate` works);
+    ``forward(x, with_features=True)`` returns ``(logits, adapted_features)``. Calling it
+    through the module (not ``.student``) keeps DDP's gradient synchronisation intact.
+
+    ``state_dict`` / ``load_state_dict`` are those of the plain student: the adapters are
+    training scaffolding and are dropped from cached checkpoints.
+    """
+
+    def __init__(self, student: nn.Module, adapters: FeatureAdapters):
+        super().__init__()
+        self.student = student
+        self.adapters = adapters
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """x: float32 ``(N, 3, H, W)`` -> logits ``(N, K, H, W)`` [, list of adapted features]."""
+        if not with_features:
+            return self.student(x)
+        logits, feats = self.student.forward_with_features(x)
+        return logits, self.adapters(feats)
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102 - see class docstring
+        return self.student.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+        return self.student.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, adapters: FeatureAdapters | None = None,
+                 train_cfg=None):
+    """Build ``loss_fn(model, images, masks) -> (loss, logs)`` for :func:`study.train.train`.
+
+    ``loss = seg + kd_weight * KD(student, teacher) [+ feat_weight * hints]`` where ``seg``
+    is :func:`study.train.segmentation_loss` (CE or OHEM per ``train_cfg``). The teacher
+    runs in eval mode under ``torch.no_grad()`` on the same augmented batch; it is put
+    back in eval mode on every call and its parameters get no gradient.
+
+    Args:
+        teacher: frozen teacher ``(N,3,H,W) -> (N,K,H,W)`` logits (with
+            ``forward_with_features`` for ``kl+feat``); may be None only for ``none``.
+        cfg: :class:`KDConfig`.
+        adapters: unused here except as a check: for ``kl+feat`` the ``model`` passed to
+            ``loss_fn`` must be a :class:`KDStudent` (possibly DDP-wrapped) holding them.
+        train_cfg: :class:`study.train.TrainConfig` of the segmentation loss (default
+            ``TrainConfig()``).
+
+    Returns:
+        the loss function; ``logs`` holds floats ``seg``, ``kd`` and ``feat`` (as used).
+
+    Raises:
+        ValueError: a teacher is missing for a KD method.
+    """
+    from .train import TrainConfig, segmentation_loss
+
+    tcfg = train_cfg if train_cfg is not None else TrainConfig()
+    if cfg.method != "none" and teacher is None:
+        raise ValueError(f"make_kd_loss: method {cfg.method!r} needs a teacher")
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    use_feat = cfg.method == "kl+feat"
+
+    def loss_fn(model: nn.Module, images: torch.Tensor, masks: torch.Tensor):
+        if use_feat:
+            logits, adapted = model(images, with_features=True)
+        else:
+            logits = model(images)
+        seg = segmentation_loss(logits, masks, tcfg)
+        logs = {"seg": float(seg.detach())}
+        if cfg.method == "none":
+            return seg, logs
+        teacher.eval()
+        with torch.no_grad():
+            if use_feat:
+                t_logits, t_feats = teacher.forward_with_features(images)
+            else:
+                t_logits = teacher(images)
+        if cfg.method in ("kl", "kl+feat"):
+            kd = kd_kl(logits, t_logits, masks, cfg.temperature)
+        elif cfg.method == "mse":
+            kd = kd_mse(logits, t_logits, masks)
+        else:
+            kd = cwd_loss(logits, t_logits, cfg.temperature)
+        loss = seg + cfg.kd_weight * kd
+        logs["kd"] = float(kd.detach())
+        if use_feat:
+            feat = feature_mse(adapted, t_feats)
+            loss = loss + cfg.feat_weight * feat
+            logs["feat"] = float(feat.detach())
+        return loss, logs
+
+    return loss_fn
+
+
+def _state_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex) of a model's state dict: identifies the exact teacher weights."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def kd_steps(profile) -> int:
+    """Training steps of every KD run of notebook 01 (and of "none" at equal budget).
+
+    ``profile.extra["kd_steps"]`` if set; else ``student_steps`` for ``smoke`` and
+    ``paper`` and ``student_steps // 3`` for ``cpu`` (a KD step also runs the Swin
+    teacher forward, ~2-3x the cost of a student step on 2 CPU cores, and the section
+    trains ~20 students).
+    """
+    if "kd_steps" in (profile.extra or {}):
+        return int(profile.extra["kd_steps"])
+    return profile.student_steps // 3 if profile.name == "cpu" else profile.student_steps
+
+
+_TEACHERS: dict = {}
+
+
+def _teacher(ctx):
+    """``(teacher, scores, identity)`` of the context; loaded once per process and context."""
+    from .train import default_config, trained_model
+
+    name = ctx.profile.teacher
+    key = json.dumps([str(ctx.cache.root), ctx.profile.to_dict(), ctx.seed, ctx.data_fp, str(ctx.device)],
+                     sort_keys=True, default=str)
+    if key not in _TEACHERS or ctx.cache.fresh:
+        teacher, scores = trained_model(ctx, name)
+        ident = {"name": name, "seed": ctx.seed, "train": asdict(default_config(ctx, name)),
+                 "weights": _state_fingerprint(teacher)}
+        _TEACHERS.clear()  # keep at most one teacher in memory
+        _TEACHERS[key] = (teacher, scores, ident)
+    return _TEACHERS[key]
+
+
+def distill_student(ctx, student: str = MAIN_STUDENT, cfg: KDConfig | None = None, seed: int | None = None,
+                    steps: int | None = None):
+    """Train ``student`` from scratch with KD from the context's teacher (cached).
+
+    The teacher is ``study.train.trained_model(ctx, ctx.profile.teacher)`` (trained from
+    scratch on the context's data with the context seed, cached); its name, config, seed
+    and weight fingerprint are part of the cache key. ``method="none"`` trains with the
+    segmentation loss only (same code path and budget: the equal-steps control).
+
+    Args:
+        ctx: :class:`study.context.Context`.
+        student: registry name of a UPerNet student (has ``forward_with_features`` and
+            ``feature_channels``).
+        cfg: :class:`KDConfig` (default ``KDConfig()``: KL, T=2, weight 1).
+        seed: student seed (default ``ctx.seed``); the teacher always uses ``ctx.seed``.
+        steps: training steps (default :func:`kd_steps`).
+
+    Returns:
+        ``(model, record)``: the plain student in eval mode on ``ctx.device`` and a dict
+        with the :func:`study.train.evaluate` scores (``miou``, ``mdice``,
+        ``per_class_iou``...), ``train_seconds``, ``history`` (loss, evals), ``kd``
+        (``asdict(cfg)``), ``steps``, ``seed`` and ``teacher_miou`` (NaN for ``none``).
+    """
+    from . import distill as this
+    from .train import build, default_config, train_cached
+
+    cfg = cfg or KDConfig()
+    seed = ctx.seed if seed is None else seed
+    steps = kd_steps(ctx.profile) if steps is None else int(steps)
+    tcfg = default_config(ctx, student, steps)
+    teacher, tscores, tident = (None, {"miou": float("nan")}, None)
+    if cfg.method != "none":
+        teacher, tscores, tident = _teacher(ctx)
+    use_feat = cfg.method == "kl+feat"
+
+    def build_fn():
+        s = build(student, ctx.profile)
+        if not use_feat:
+            return s
+        return KDStudent(s, FeatureAdapters(s.feature_channels, teacher.feature_channels))
+
+    def factory():
+        return make_kd_loss(teacher, cfg, train_cfg=tcfg)
+
+    model, rec = train_cached(ctx, f"kd-{student}-{cfg.tag}", build_fn, tcfg, loss_fn_factory=factory,
+                             seed=seed, extra_key={"kd": asdict(cfg), "student": student, "teacher": tident},
+                             code=(this,))
+    if isinstance(model, KDStudent):
+        model = model.student
+    model.to(ctx.device).eval()
+    record = {**rec["scores"], "train_seconds": rec["history"]["seconds"], "history": rec["history"],
+              "kd": asdict(cfg), "steps": steps, "seed": seed, "teacher_miou": tscores["miou"]}
+    return model, record
+
+
+def choice_path(ctx):
+    """File where notebook 01 records the KD configuration chosen for later sections."""
+    return ctx.out_dir / "kd_choice.json"
+
+
+def save_kd_choice(ctx, cfg: KDConfig, steps: int, evidence: dict | None = None) -> None:
+    """Write the chosen configuration (and the evidence it was chosen on) for :func:`kd_student`."""
+    from .cache import atomic_write_text
+
+    atomic_write_text(choice_path(ctx), json.dumps({"kd": asdict(cfg), "steps": int(steps),
+                                                    "evidence": evidence or {}}, indent=2, default=float))
+
+
+def kd_student(ctx):
+    """THE KD student the pruning / quantization / deployment sections start from.
+
+    Choice rule (applied by notebook 01 and recorded in ``<out_dir>/kd_choice.json``): among
+    the KD methods of the main comparison (the best KL setting of the temperature / weight
+    sweep, MSE, KL + features, CWD), the one with the highest mean validation mIoU over
+    ``ctx.profile.seeds``; the main student (:data:`MAIN_STUDENT`) distilled with it for
+    :func:`kd_steps` steps at the context seed. When notebook 01 has not run yet for this
+    build folder and profile, :data:`FALLBACK_CHOICE` (KL, T=2, weight 1) is used and a
+    note is printed. Ties and the fact that the choice uses validation data are disclosed
+    in notebook 01.
+
+    Returns:
+        ``(model, scores)``: plain student in eval mode; scores as :func:`distill_student`'s
+        record plus ``kd_choice_source`` (``"notebook 01"`` or ``"fallback"``).
+    """
+    path = choice_path(ctx)
+    if path.exists():
+        data = json.loads(path.read_text())
+        cfg, steps, src = KDConfig(**data["kd"]), int(data["steps"]), "notebook 01"
+    else:
+        print(f"kd_student: {path} not found (notebook 01_distillation has not run for this build "
+              f"folder / profile); using the fallback {FALLBACK_CHOICE}")
+        cfg, steps, src = KDConfig(**FALLBACK_CHOICE), kd_steps(ctx.profile), "fallback"
+    model, rec = distill_student(ctx, MAIN_STUDENT, cfg, steps=steps)
+    return model, {**rec, "kd_choice_source": src}
+
+
+# --------------------------------------------------------------------------- notebook 01 plan
+
+#: KL temperatures and KD weights swept by notebook 01 (KL only; see :func:`sweep_plan`).
+SWEEP_TEMPERATURES = (1.0, 2.0, 4.0)
+SWEEP_WEIGHTS = (0.5, 1.0, 2.0)
+#: Fixed a priori, not tuned here: CWD temperature / weight and the FitNets hint weight.
+CWD_TEMPERATURE, CWD_WEIGHT = 4.0, 3.0
+FEAT_WEIGHT = 1.0
+
+
+def sweep_plan(profile) -> dict:
+    """What notebook 01 trains for ``profile`` (deterministic, so other code can reproduce it).
+
+    1. KL temperature sweep: ``KDConfig("kl", T, 1.0)`` for T in :data:`SWEEP_TEMPERATURES`
+       (context seed); 2. KL weight sweep at the best T: weights :data:`SWEEP_WEIGHTS`;
+       3. main comparison over ``profile.seeds``: none, best KL, MSE (weight 1, source 000),
+       KL + FitNets hints (best KL + ``FEAT_WEIGHT``), CWD (T=4, weight 3); 4. ResNet-18
+       student: none and the best KD method of step 3 (context seed only).
+    Every run trains :func:`kd_steps` steps.
+    """
+    return {"steps": kd_steps(profile), "temperatures": SWEEP_TEMPERATURES, "weights": SWEEP_WEIGHTS,
+            "seeds": tuple(profile.seeds), "cwd": KDConfig("cwd", CWD_TEMPERATURE, CWD_WEIGHT),
+            "mse": KDConfig("mse", 1.0, 1.0), "feat_weight": FEAT_WEIGHT}
+
+
+def main_configs(best_kl: KDConfig) -> dict:
+    """Method label -> :class:`KDConfig` of the main comparison, given the best KL setting."""
+    return {"none": KDConfig("none"), "kl": best_kl, "mse": KDConfig("mse", 1.0, 1.0),
+            "kl+feat": KDConfig("kl+feat", best_kl.temperature, best_kl.kd_weight, FEAT_WEIGHT),
+            "cwd": KDConfig("cwd", CWD_TEMPERATURE, CWD_WEIGHT)}
+
+
+def summarize(records: Sequence[dict], class_names: Sequence[str]) -> dict:
+    """Mean / std over runs (seeds) of one configuration.
+
+    Args:
+        records: :func:`distill_student` records of the same configuration.
+        class_names: names of the classes in ``per_class_iou`` order.
+
+    Returns:
+        dict with ``miou``, ``miou_std`` (sample std, ddof=1; NaN for one run), ``mdice``,
+        ``seeds`` (count), ``train_seconds`` (mean, s), ``per_class_iou`` (nan-mean per
+        class, list) and ``iou_<class>`` for every class.
+    """
+    import warnings
+
+    import numpy as np
+
+    m = np.array([r["miou"] for r in records], float)
+    pc = np.array([r["per_class_iou"] for r in records], float)
+    with warnings.catch_warnings():  # a class absent from every run gives NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pcm = np.nanmean(pc, axis=0)
+    out = {"miou": float(m.mean()), "miou_std": float(m.std(ddof=1)) if len(m) > 1 else float("nan"),
+           "mdice": float(np.mean([r["mdice"] for r in records])), "seeds": len(records),
+           "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
+           "per_class_iou": [float(x) for x in pcm]}
+    out.update({f"iou_{c}": float(v) for c, v in zip(class_names, pcm)})
+    return out
