@@ -1,0 +1,957 @@
+"""Benchmarking: local latency / memory (torch, onnxruntime, TensorRT) and on-device runs over SSH.
+
+Local API (in this process)::
+
+    benchmark_torch(model, (128, 128))          # nn.Module, eager, inference_mode
+    benchmark_onnx("model.onnx", (128, 128))    # onnxruntime session
+    benchmark_tensorrt("model.onnx", (128, 128), precision="fp16")   # needs tensorrt + CUDA
+
+All three share :func:`study.device_runner.time_callable` (warm-up >= ``warmup_runs`` and
+>= ``warmup_s``, then >= ``min_runs`` and >= ``min_s`` timed runs) and
+:class:`study.device_runner.SystemSampler` (process RSS, system RAM / swap, tegrastats when
+present). They return one dict with the same keys as the device runner's JSON:
+``latency_ms_p50, latency_ms_p90, latency_ms_p99, latency_ms_mean, latency_ms_std`` (ms),
+``fps`` (images/s = batch * 1000 / mean ms), ``runs, batch, threads``, ``load_s`` (s),
+``peak_rss_mb`` (max sampled RSS of this process during load + run, MB), ``ram_used_mb,
+swap_used_mb`` (system, max during the run, MB), ``runtime, precision`` and more.
+
+Remote API (on an edge device over OpenSSH)::
+
+    result, path = run_remote("jetson", "build/model.onnx", runtime="trt", precision="fp16")
+    python -m study.bench remote --host jetson --model build/model.onnx --runtime trt --precision fp16
+
+copies ``study/device_runner.py`` and the model into a ``mktemp -d`` folder on the host, runs
+it, removes the folder (always), and stores the JSON with provenance under
+``results/devices/<device-slug>/<UTC date>_<model-stem>_<runtime>_<precision>.json``.
+:func:`load_device_results` reads those files back into a DataFrame.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import device_runner as dr
+from .device_runner import SystemSampler, parse_tegrastats_line, summarize_latencies, time_callable
+
+__all__ = [
+    "BenchUnavailable", "RemoteBenchError", "benchmark_callable", "benchmark_torch", "benchmark_onnx",
+    "benchmark_tensorrt", "run_remote", "run_local_runner", "load_device_results", "store_result",
+    "device_slug", "parse_tegrastats_line", "time_callable", "summarize_latencies", "main",
+    "RUNNER_PATH", "DEFAULT_RESULTS_DIR", "ssh_reachable", "choose_target", "measure_file", "onnx_scores",
+    "SOURCE000_NANO", "RESULT_COLUMNS", "module_fingerprint",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNNER_PATH = Path(dr.__file__).resolve()
+DEFAULT_RESULTS_DIR = REPO_ROOT / "results" / "devices"
+
+
+class BenchUnavailable(RuntimeError):
+    """A benchmark backend cannot run here (e.g. TensorRT or CUDA missing); the message says why."""
+
+
+class RemoteBenchError(RuntimeError):
+    """A remote benchmark failed. ``kind`` is one of ``unreachable, auth, host_key_unknown,
+    host_key_mismatch, timeout, runtime_missing, model_unreadable, oom, bad_json,
+    remote_failed, copy_failed, bad_argument``; ``host`` names the host; the message says what
+    to do."""
+
+    def __init__(self, message: str, kind: str = "remote_failed", host: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.host = host
+
+
+# --------------------------------------------------------------------------- local benchmarks
+
+def benchmark_callable(fn: Callable[[], Any], *, batch: int = 1, sync: Callable[[], Any] | None = None,
+                       warmup_s: float = 1.0, min_s: float = 3.0, min_runs: int = 50,
+                       warmup_runs: int = 10, sampler: SystemSampler | None = None) -> dict:
+    """Time ``fn`` with the shared loop and attach memory statistics of the timed phase.
+
+    Args:
+        fn: zero-argument callable running one inference of ``batch`` images.
+        batch: images per call (for FPS).
+        sync: called after every ``fn()`` (e.g. ``torch.cuda.synchronize``).
+        warmup_s, min_s: s; min_runs, warmup_runs: counts (see :func:`time_callable`).
+        sampler: a running :class:`SystemSampler` (one is started and stopped here when None).
+
+    Returns:
+        dict of :func:`summarize_latencies` plus ``peak_rss_mb, ram_used_mb, swap_used_mb,
+        ram_total_mb, swap_total_mb, gpu_load_pct_mean, power_w_mean, memory_source,
+        warmup_runs_done, warmup_s_done, measure_s``.
+    """
+    own = sampler is None
+    if own:
+        sampler = SystemSampler(interval_s=0.05)
+        sampler.start()
+    try:
+        sampler.mark("run")
+        timing = time_callable(fn, warmup_s=warmup_s, min_s=min_s, min_runs=min_runs,
+                               warmup_runs=warmup_runs, sync=sync)
+        sampler.mark("end")
+    finally:
+        if own:
+            sampler.stop()
+    res = summarize_latencies(timing["latencies_s"], batch)
+    res.update({"warmup_runs_done": timing["warmup_runs"], "warmup_s_done": timing["warmup_s"],
+                "measure_s": timing["measure_s"],
+                "settings": {"warmup_s": warmup_s, "min_s": min_s, "min_runs": min_runs,
+                             "warmup_runs": warmup_runs}})
+    return res
+
+
+def _finish(res: dict, sampler: SystemSampler, before: dict, **extra) -> dict:
+    mem = sampler.summary(phases=("load", "run", "end"))
+    res.update(mem)
+    res["ram_used_mb_before"] = before.get("ram_used_mb")
+    res["swap_used_mb_before"] = before.get("swap_used_mb")
+    res["peak_rss_lifetime_mb"] = dr.lifetime_peak_rss_mb()
+    res["rss_note"] = ("peak_rss_mb: max VmRSS of this process sampled every 50 ms during load + run; "
+                       "peak_rss_lifetime_mb: VmHWM (peak RSS) since the process started")
+    res.update(extra)
+    res["device"] = "this machine (in-process, %s)" % dr.device_info()["model"]
+    return res
+
+
+_PREC = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+def benchmark_torch(model, input_hw: Sequence[int], batch: int = 1, threads: int | None = None,
+                    warmup_s: float = 1.0, min_s: float = 3.0, min_runs: int = 50,
+                    warmup_runs: int = 10, dtype=None, device=None) -> dict:
+    """Latency / memory of a PyTorch module in eager mode, under ``torch.inference_mode``.
+
+    Args:
+        model: ``torch.nn.Module`` taking a float NCHW tensor. It is not modified: when
+            ``dtype``/``device`` differ from its own, a deep copy is converted.
+        input_hw: (H, W) of the random input, px; input shape (batch, 3, H, W).
+        batch: images per call. threads: ``torch.set_num_threads`` value during the run (None:
+            keep the current one); the previous value is restored afterwards.
+        warmup_s, min_s (s), min_runs, warmup_runs: see :func:`time_callable`.
+        dtype: ``torch.float32`` (default when None), ``torch.float16`` or ``torch.bfloat16``.
+        device: torch device (default: the model's parameters' device).
+
+    Returns:
+        dict (see module docstring); ``runtime="torch"``, ``precision`` from ``dtype``,
+        ``load_s`` = time to copy/convert/move the model (0 when nothing to do) plus nothing else.
+
+    Raises:
+        ValueError: bad ``input_hw``/``batch``. Errors of the model's forward propagate.
+    """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    h, w = _check_hw(input_hw, batch)
+    params = list(model.parameters())
+    if device is None:
+        device = params[0].device if params else torch.device("cpu")
+    device = torch.device(device)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    sampler = SystemSampler(interval_s=0.05)
+    sampler.start()
+    try:
+        before = sampler.summary()
+        sampler.mark("load")
+        t0 = time.perf_counter()
+        m = model
+        if params and (params[0].dtype != dtype or params[0].device != device):
+            m = copy.deepcopy(model).to(device=device, dtype=dtype)
+        m.eval()
+        x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        load_s = time.perf_counter() - t0
+
+        def fn():
+            with torch.inference_mode():
+                m(x)
+
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        res = benchmark_callable(fn, batch=batch, sync=sync, warmup_s=warmup_s, min_s=min_s,
+                                 min_runs=min_runs, warmup_runs=warmup_runs, sampler=sampler)
+        used_threads = torch.get_num_threads()
+    finally:
+        sampler.stop()
+        torch.set_num_threads(old_threads)
+    return _finish(res, sampler, before, runtime="torch", precision=_PREC.get(str(dtype).replace("torch.", ""),
+                                                                              str(dtype)),
+                   threads=used_threads, load_s=load_s, input_hw=[h, w], torch_device=str(device),
+                   runtime_version=torch.__version__)
+
+
+def benchmark_onnx(path, input_hw: Sequence[int], batch: int = 1, threads: int | None = None,
+                   providers: Sequence[str] | None = None, warmup_s: float = 1.0, min_s: float = 3.0,
+                   min_runs: int = 50, warmup_runs: int = 10, session_options=None,
+                   precision: str | None = None) -> dict:
+    """Latency / memory of an ONNX model with onnxruntime.
+
+    Args:
+        path: ONNX file whose first input is NCHW (float32 or float16).
+        input_hw: (H, W), px. batch: N (the model must accept it).
+        threads: ``SessionOptions.intra_op_num_threads`` (None: onnxruntime's default = one per
+            physical core; recorded as 0).
+        providers: execution providers (None: CUDA then CPU if available).
+        warmup_s, min_s (s), min_runs, warmup_runs: see :func:`time_callable`.
+        session_options: an ``onnxruntime.SessionOptions`` to start from.
+        precision: label to record (None: guessed from the file: int8 when it has Q/DQ or
+            integer ops, fp16 when its input is float16, else fp32).
+
+    Returns:
+        dict (see module docstring) with ``runtime="ort"``, ``providers``, ``load_s`` = session
+        creation time, s.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names it).
+        ValueError: bad ``input_hw``/``batch``.
+        onnxruntime errors: the model cannot be loaded or run (re-raised as RuntimeError naming
+            the file).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist")
+    h, w = _check_hw(input_hw, batch)
+    sampler = SystemSampler(interval_s=0.05)
+    sampler.start()
+    try:
+        before = sampler.summary()
+        sampler.mark("load")
+        t0 = time.perf_counter()
+        try:
+            sess, in_dtype = dr.make_ort_session(str(path), threads, providers, session_options)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise RuntimeError(f"onnxruntime could not load {str(path)!r}: {e}") from e
+        load_s = time.perf_counter() - t0
+        inp = sess.get_inputs()[0]
+        x = np.random.RandomState(0).standard_normal((batch, 3, h, w)).astype(in_dtype)
+        feed = {inp.name: x}
+        try:
+            sess.run(None, feed)
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"onnxruntime could not run {str(path)!r} on input {x.shape} "
+                               f"{x.dtype}: {e}") from e
+        res = benchmark_callable(lambda: sess.run(None, feed), batch=batch, warmup_s=warmup_s,
+                                 min_s=min_s, min_runs=min_runs, warmup_runs=warmup_runs,
+                                 sampler=sampler)
+    finally:
+        sampler.stop()
+    prec = precision or dr.onnx_precision(str(path)) or "fp32"
+    so_threads = int(threads) if threads else 0
+    return _finish(res, sampler, before, runtime="ort", precision=prec, threads=so_threads,
+                   load_s=load_s, input_hw=[h, w], providers=sess.get_providers(),
+                   runtime_version=ort.__version__, model_file=str(path),
+                   model_bytes=path.stat().st_size)
+
+
+def benchmark_tensorrt(path, input_hw: Sequence[int], batch: int = 1, precision: str = "fp32",
+                       warmup_s: float = 1.0, min_s: float = 3.0, min_runs: int = 50,
+                       warmup_runs: int = 10) -> dict:
+    """Latency / memory of a TensorRT engine built from an ONNX file (or a serialized engine).
+
+    Args:
+        path: ONNX file, or ``.engine``/``.plan``/``.trt``.
+        input_hw: (H, W), px. batch: N. precision: ``fp32``, ``fp16`` or ``int8`` (int8 needs
+            Q/DQ nodes in the ONNX; no calibration is run).
+        warmup_s, min_s (s), min_runs, warmup_runs: see :func:`time_callable`.
+
+    Returns:
+        dict (see module docstring) with ``runtime="trt"``; ``load_s`` includes the engine build.
+
+    Raises:
+        BenchUnavailable: the ``tensorrt`` module is not installed, or CUDA is not available
+            (the message says which).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        raise BenchUnavailable(f"TensorRT benchmark unavailable: the Python module 'tensorrt' is not "
+                               f"installed ({e})") from e
+    try:
+        import torch
+        cuda_ok = torch.cuda.is_available()
+    except ImportError:
+        cuda_ok = False
+    if not cuda_ok:
+        raise BenchUnavailable("TensorRT benchmark unavailable: no CUDA device is available")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model {str(path)!r} does not exist")
+    h, w = _check_hw(input_hw, batch)
+    sampler = SystemSampler(interval_s=0.05)
+    sampler.start()
+    try:
+        before = sampler.summary()
+        sampler.mark("load")
+        t0 = time.perf_counter()
+        fn, sync, info = dr._trt_runner(str(path), (h, w), batch, None, precision)
+        load_s = time.perf_counter() - t0
+        res = benchmark_callable(fn, batch=batch, sync=sync, warmup_s=warmup_s, min_s=min_s,
+                                 min_runs=min_runs, warmup_runs=warmup_runs, sampler=sampler)
+    finally:
+        sampler.stop()
+    return _finish(res, sampler, before, runtime="trt", precision=precision, threads=0, load_s=load_s,
+                   input_hw=[h, w], runtime_version=info.get("tensorrt"), runtime_info=info)
+
+
+def _check_hw(input_hw, batch) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in input_hw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"input_hw must be (H, W) positive ints, got {input_hw!r}") from e
+    if h < 1 or w < 1 or int(batch) < 1:
+        raise ValueError(f"input_hw and batch must be >= 1, got input_hw={input_hw!r} batch={batch!r}")
+    return h, w
+
+
+# --------------------------------------------------------------------------- storage
+
+def device_slug(text: str) -> str:
+    """Lower-case file-name-safe slug: ``"NVIDIA Jetson Nano Developer Kit"`` ->
+    ``"nvidia-jetson-nano-developer-kit"`` (at most 64 chars; ``"unknown"`` when empty)."""
+    s = re.sub(r"[^a-z0-9]+", "-", (text or "").lower()).strip("-")
+    return s[:64].strip("-") or "unknown"
+
+
+def git_commit(repo: Path = REPO_ROOT) -> dict:
+    """Commit of this repository and whether the measuring code differs from it (``git`` CLI).
+
+    Returns:
+        ``{"commit": sha or None, "dirty": bool or None, "dirty_paths": [...]}`` where ``dirty``
+        means modified or untracked files under ``study/`` (the code that measured), listed
+        in ``dirty_paths`` (at most 20).
+    """
+    out = {"commit": None, "dirty": None, "dirty_paths": []}
+    if shutil.which("git") is None:
+        return out
+    try:
+        r = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                           timeout=10)
+        if r.returncode == 0:
+            out["commit"] = r.stdout.strip()
+        r = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all", "--",
+                            "study"], capture_output=True, text=True, timeout=10)
+        if r.returncode == 0:
+            paths = [ln[3:] for ln in r.stdout.splitlines() if ln.strip()]
+            out["dirty"] = bool(paths)
+            out["dirty_paths"] = paths[:20]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def store_result(result: dict, results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR,
+                 model_stem: str | None = None) -> Path:
+    """Write ``result`` atomically as
+    ``<results_dir>/<device-slug>/<YYYYmmddTHHMMSSZ>_<model-stem>_<runtime>_<precision>.json``.
+
+    The device slug comes from ``result["device"]["model"]``; the date from
+    ``result["provenance"]["date_utc"]`` (now when absent). An existing file is never
+    overwritten (a ``-2``, ``-3``... suffix is added).
+
+    Returns:
+        the path written.
+    """
+    dev = result.get("device") or {}
+    slug = device_slug(dev.get("model") if isinstance(dev, dict) else str(dev))
+    date = (result.get("provenance") or {}).get("date_utc") or _utc_now()
+    stamp = re.sub(r"[^0-9TZ]", "", date.split(".")[0]) + ("" if date.endswith("Z") else "Z")
+    stem = device_slug(model_stem or Path(result.get("model_file") or "model").stem)
+    base = f"{stamp}_{stem}_{result.get('runtime', 'x')}_{result.get('precision', 'x')}"
+    d = Path(results_dir) / slug
+    path = d / f"{base}.json"
+    i = 2
+    while path.exists():
+        path = d / f"{base}-{i}.json"
+        i += 1
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    Same contract as :func:`study.cache.atomic_write_text`, repeated here so that
+    ``python -m study.bench remote`` does not import torch (study.cache does) on a laptop.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- SSH
+
+def _ssh_common(port, identity, accept_new_host_key, known_hosts, connect_timeout, ssh_options):
+    opts = ["-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=" + ("accept-new" if accept_new_host_key else "yes"),
+            "-o", f"ConnectTimeout={int(connect_timeout)}"]
+    if identity:
+        opts += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]
+    if known_hosts:
+        opts += ["-o", f"UserKnownHostsFile={known_hosts}"]
+    for o in ssh_options or ():
+        opts += ["-o", str(o)]
+    return opts
+
+
+def _classify_ssh_failure(host: str, rc: int, stderr: str) -> RemoteBenchError | None:
+    """Map an ssh/scp failure (exit 255 or ssh-ish stderr) to a RemoteBenchError; None if not ssh's."""
+    s = stderr or ""
+    low = s.lower()
+    tail = s.strip().splitlines()[-3:]
+    detail = " | ".join(tail)
+    if "remote host identification has changed" in low or "host key for" in low and "has changed" in low:
+        return RemoteBenchError(f"host key of {host} does not match the one in known_hosts (possible "
+                                f"man-in-the-middle, or the device was reinstalled); check it and fix "
+                                f"known_hosts with ssh-keygen -R: {detail}", "host_key_mismatch", host)
+    if "host key verification failed" in low or "no ecdsa host key is known" in low or \
+            "host key is known" in low:
+        return RemoteBenchError(f"host key of {host} is not known: add it to known_hosts (ssh {host} once "
+                                f"interactively) or pass --accept-new-host-key: {detail}",
+                                "host_key_unknown", host)
+    if "permission denied" in low or "too many authentication failures" in low:
+        return RemoteBenchError(f"authentication refused by {host}: the key was not accepted (check "
+                                f"--user / --identity and the device's authorized_keys): {detail}",
+                                "auth", host)
+    if "connection refused" in low:
+        return RemoteBenchError(f"cannot reach {host}: connection refused (is sshd running there / the "
+                                f"port right?): {detail}", "unreachable", host)
+    if "could not resolve hostname" in low or "name or service not known" in low:
+        return RemoteBenchError(f"cannot resolve host {host}: {detail}", "unreachable", host)
+    if "timed out" in low:
+        return RemoteBenchError(f"connection to {host} timed out: {detail}", "timeout", host)
+    if "no route to host" in low or "network is unreachable" in low or "connection closed" in low \
+            or "connection reset" in low or "kex_exchange_identification" in low:
+        return RemoteBenchError(f"cannot reach {host}: {detail}", "unreachable", host)
+    if rc == 255:
+        return RemoteBenchError(f"ssh to {host} failed (exit 255): {detail}", "unreachable", host)
+    return None
+
+
+def _run(cmd: list, host: str, timeout: float, what: str) -> subprocess.CompletedProcess:
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RemoteBenchError(f"{what} on {host} timed out after {timeout:g} s", "timeout", host) from e
+    except FileNotFoundError as e:
+        raise RemoteBenchError(f"{cmd[0]!r} is not installed on this machine (install openssh-client)",
+                               "remote_failed", host) from e
+    return r
+
+
+def run_remote(host: str, model, *, port: int | None = None, user: str | None = None,
+               identity: str | None = None, runtime: str = "ort", precision: str = "fp32",
+               input_hw: Sequence[int] = (512, 512), batch: int = 1, threads: int | None = None,
+               warmup_s: float = 1.0, min_s: float = 3.0, min_runs: int = 50, warmup_runs: int = 10,
+               results_dir: str | os.PathLike | None = DEFAULT_RESULTS_DIR, timeout: float = 900.0,
+               accept_new_host_key: bool = False, remote_python: str = "python3",
+               known_hosts: str | None = None, ssh_options: Sequence[str] = (),
+               connect_timeout: int = 10, command: str | None = None) -> tuple[dict, Path | None]:
+    """Benchmark ``model`` on ``host`` over SSH with the device runner and store the result.
+
+    Steps: ``mktemp -d`` on the host; ``scp`` :data:`RUNNER_PATH` and the model there (the model
+    is renamed ``model<suffix>`` remotely); run ``<remote_python> runner.py ...`` with every
+    value ``shlex.quote``-d; parse its JSON; ``rm -rf`` the folder (always); store the result
+    with provenance (see :func:`store_result`). Uses the system OpenSSH client with
+    ``BatchMode=yes``, ``StrictHostKeyChecking=yes`` (``accept-new`` with
+    ``accept_new_host_key``) and ``ConnectTimeout``, so ``~/.ssh/config`` applies.
+
+    Args:
+        host: host name / alias / IP. model: local model file. port, user, identity: ssh's
+            ``-p``, ``user@``, ``-i`` (identity adds ``IdentitiesOnly=yes``).
+        runtime: ``ort``, ``trt`` or ``torch``. precision: ``fp32``, ``fp16``, ``int8``.
+        input_hw: (H, W), px. batch, threads (None/0: runtime default).
+        warmup_s, min_s (s), min_runs, warmup_runs: timing settings of the runner.
+        results_dir: where to store (None: do not store).
+        timeout: seconds allowed for the benchmark command (copying: the same).
+        remote_python: interpreter on the host (>= 3.6 with numpy and the runtime).
+        known_hosts: a ``UserKnownHostsFile`` to use. ssh_options: extra ``-o`` options.
+        connect_timeout: ssh ``ConnectTimeout``, s.
+        command: the command line to record in the provenance (default: reconstructed).
+
+    Returns:
+        (result dict with ``provenance``, stored path or None).
+
+    Raises:
+        RemoteBenchError: with ``kind`` and a message naming the host (unreachable, auth,
+            host_key_unknown / host_key_mismatch, timeout, runtime_missing, model_unreadable,
+            oom, bad_json, remote_failed, copy_failed, bad_argument). Nothing is stored then.
+    """
+    model = Path(model)
+    if not model.is_file():
+        raise RemoteBenchError(f"model file {str(model)!r} does not exist (or is not a file)",
+                               "bad_argument", host)
+    if runtime not in dr.RUNTIMES:
+        raise RemoteBenchError(f"unknown runtime {runtime!r}; choose {', '.join(dr.RUNTIMES)}",
+                               "bad_argument", host)
+    if precision not in dr.PRECISIONS:
+        raise RemoteBenchError(f"unknown precision {precision!r}; choose {', '.join(dr.PRECISIONS)}",
+                               "bad_argument", host)
+    h, w = _check_hw(input_hw, batch)
+    common = _ssh_common(port, identity, accept_new_host_key, known_hosts, connect_timeout, ssh_options)
+    target = f"{user}@{host}" if user else host
+    ssh = ["ssh"] + common + (["-p", str(int(port))] if port else []) + ["--", target]
+    scp = ["scp", "-q"] + common + (["-P", str(int(port))] if port else [])
+    remote_tmp = None
+    t_start = time.time()
+    try:
+        r = _run(ssh + ["mktemp -d \"${TMPDIR:-/tmp}/segbench.XXXXXXXX\""], host, connect_timeout + 30,
+                 "creating a temporary folder")
+        if r.returncode != 0:
+            raise _classify_ssh_failure(host, r.returncode, r.stderr) or RemoteBenchError(
+                f"mktemp -d failed on {host} (exit {r.returncode}): {r.stderr.strip()}", "remote_failed", host)
+        lines = r.stdout.strip().splitlines()
+        remote_tmp = lines[-1].strip() if lines else ""
+        if not re.fullmatch(r"/[A-Za-z0-9_./-]+/segbench\.[A-Za-z0-9]+", remote_tmp):
+            bad, remote_tmp = remote_tmp, None
+            raise RemoteBenchError(f"unexpected output of mktemp on {host}: {bad!r}", "remote_failed", host)
+        suffix = re.sub(r"[^A-Za-z0-9.]", "", model.suffix)[:16] or ".bin"
+        r_runner = f"{remote_tmp}/device_runner.py"
+        r_model = f"{remote_tmp}/model{suffix}"
+        for src, dst in ((RUNNER_PATH, r_runner), (model, r_model)):
+            r = _run(scp + ["--", str(src), f"{target}:{dst}"], host, timeout, f"copying {src.name}")
+            if r.returncode != 0:
+                raise _classify_ssh_failure(host, r.returncode, r.stderr) or RemoteBenchError(
+                    f"copying {str(src)!r} to {host} failed (exit {r.returncode}): {r.stderr.strip()}",
+                    "copy_failed", host)
+        args = [remote_python, r_runner, "--model", r_model, "--model-name", model.name,
+                "--runtime", runtime, "--precision", precision, "--input-hw", str(h), str(w),
+                "--batch", str(int(batch)), "--threads", str(int(threads or 0)),
+                "--warmup-s", repr(float(warmup_s)), "--min-s", repr(float(min_s)),
+                "--min-runs", str(int(min_runs)), "--warmup-runs", str(int(warmup_runs))]
+        # "; exit $?" keeps the shell as parent, so a runner killed by a signal (OOM killer:
+        # SIGKILL) comes back as exit status 128 + 9 instead of a bare dropped session
+        remote_cmd = " ".join(shlex.quote(a) for a in args) + "; exit $?"
+        r = _run(ssh + [remote_cmd], host, timeout, "the benchmark")
+        result = _parse_runner_output(host, r)
+    finally:
+        if remote_tmp:
+            try:
+                subprocess.run(ssh + ["rm -rf -- " + shlex.quote(remote_tmp)], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=connect_timeout + 30)
+            except (OSError, subprocess.SubprocessError):
+                print(f"warning: could not remove {remote_tmp} on {host}", file=sys.stderr)
+    dev = result.get("device") or {}
+    gc = git_commit()
+    if command is None:
+        command = " ".join(shlex.quote(a) for a in _cli_args(host, model, port, user, identity, runtime,
+                                                               precision, (h, w), batch, threads,
+                                                               accept_new_host_key, remote_python))
+    result["provenance"] = {
+        "measured_by": "study.bench.run_remote (study/device_runner.py over OpenSSH)",
+        "host": host, "port": port, "user": user or None,
+        "device_model": dev.get("model"), "l4t": dev.get("l4t"), "jetpack": dev.get("jetpack"),
+        "power_mode": dev.get("power_mode"), "runtime_versions": result.get("versions"),
+        "date_utc": _utc_now(), "elapsed_s": round(time.time() - t_start, 3),
+        "git_commit": gc["commit"] or "none (repository has no commit yet)", "git_dirty": gc["dirty"],
+        "git_dirty_paths": gc["dirty_paths"], "command": command, "remote_command": remote_cmd,
+        "remote_tmp": remote_tmp, "runner_sha256": _sha256(RUNNER_PATH), "local_model_path": str(model),
+        "local_model_sha256": _sha256(model),
+    }
+    path = store_result(result, results_dir, model.stem) if results_dir is not None else None
+    return result, path
+
+
+def _parse_runner_output(host: str, r: subprocess.CompletedProcess) -> dict:
+    if r.returncode == 255:
+        err = _classify_ssh_failure(host, r.returncode, r.stderr) if r.stderr.strip() else None
+        raise err or RemoteBenchError(
+            f"the ssh session to {host} ended without an exit status: the remote command was killed "
+            f"by a signal (e.g. the out-of-memory killer) or the connection dropped", "remote_failed", host)
+    doc = None
+    out = r.stdout.strip()
+    if out:
+        try:
+            doc = json.loads(out.splitlines()[-1])
+        except json.JSONDecodeError:
+            doc = None
+    stderr_tail = " | ".join(r.stderr.strip().splitlines()[-3:])
+    if r.returncode in (137, -9) or (r.returncode == 0 and doc is None and "killed" in r.stderr.lower()):
+        raise RemoteBenchError(f"the benchmark on {host} was killed (exit {r.returncode}), most likely by "
+                               f"the out-of-memory killer; try a smaller input or batch: {stderr_tail}",
+                               "oom", host)
+    kinds = {dr.EXIT_RUNTIME_MISSING: "runtime_missing", dr.EXIT_MODEL_UNREADABLE: "model_unreadable",
+             dr.EXIT_OOM: "oom", dr.EXIT_RUN_FAILED: "remote_failed"}
+    if r.returncode != 0:
+        msg = doc.get("error") if isinstance(doc, dict) and doc.get("error") else stderr_tail
+        kind = kinds.get(r.returncode, "remote_failed")
+        if r.returncode == 127 or "no such file or directory" in r.stderr.lower() and doc is None:
+            kind = "runtime_missing"
+            msg = f"the remote Python interpreter could not be started: {stderr_tail}"
+        raise RemoteBenchError(f"benchmark on {host} failed ({kind}, exit {r.returncode}): {msg}", kind, host)
+    if not isinstance(doc, dict) or not doc.get("ok"):
+        raise RemoteBenchError(f"the runner on {host} did not print a valid result JSON document: "
+                               f"stdout={out[-300:]!r} stderr={stderr_tail!r}", "bad_json", host)
+    return doc
+
+
+def _cli_args(host, model, port, user, identity, runtime, precision, hw, batch, threads,
+              accept_new, remote_python) -> list:
+    a = ["python", "-m", "study.bench", "remote", "--host", host, "--model", str(model)]
+    if port:
+        a += ["--port", str(port)]
+    if user:
+        a += ["--user", user]
+    if identity:
+        a += ["--identity", str(identity)]
+    a += ["--runtime", runtime, "--precision", precision, "--input-hw", str(hw[0]), str(hw[1]),
+          "--batch", str(batch)]
+    if threads:
+        a += ["--threads", str(threads)]
+    if accept_new:
+        a += ["--accept-new-host-key"]
+    if remote_python != "python3":
+        a += ["--remote-python", remote_python]
+    return a
+
+
+def run_local_runner(model, *, runtime: str = "ort", precision: str = "fp32",
+                     input_hw: Sequence[int] = (512, 512), batch: int = 1, threads: int | None = None,
+                     warmup_s: float = 1.0, min_s: float = 3.0, min_runs: int = 50, warmup_runs: int = 10,
+                     python: str | None = None, timeout: float = 900.0) -> dict:
+    """Run :mod:`study.device_runner` as a separate local process (same JSON as on a device).
+
+    Used when no SSH server is available: the memory numbers then belong to a fresh process, as
+    on the device. Args as :func:`run_remote`; ``python`` defaults to ``sys.executable``.
+
+    Returns:
+        the runner's result dict with ``provenance`` (``measured_by`` says local runner).
+
+    Raises:
+        RemoteBenchError: (host ``localhost``) the runner failed; kinds as in :func:`run_remote`.
+    """
+    model = Path(model)
+    if not model.is_file():
+        raise RemoteBenchError(f"model file {str(model)!r} does not exist", "bad_argument", "localhost")
+    h, w = _check_hw(input_hw, batch)
+    args = [python or sys.executable, str(RUNNER_PATH), "--model", str(model), "--runtime", runtime,
+            "--precision", precision, "--input-hw", str(h), str(w), "--batch", str(int(batch)),
+            "--threads", str(int(threads or 0)), "--warmup-s", repr(float(warmup_s)),
+            "--min-s", repr(float(min_s)), "--min-runs", str(int(min_runs)),
+            "--warmup-runs", str(int(warmup_runs))]
+    r = _run(args, "localhost", timeout, "the local runner")
+    res = _parse_runner_output("localhost", r)
+    gc = git_commit()
+    res["provenance"] = {"measured_by": "study.bench.run_local_runner (study/device_runner.py, local "
+                                        "subprocess, no SSH)", "host": "localhost",
+                         "device_model": res["device"].get("model"), "date_utc": _utc_now(),
+                         "git_commit": gc["commit"] or "none (repository has no commit yet)",
+                         "git_dirty": gc["dirty"], "git_dirty_paths": gc["dirty_paths"], "command": " ".join(shlex.quote(a) for a in args),
+                         "runtime_versions": res.get("versions")}
+    return res
+
+
+def ssh_reachable(host: str, *, port: int | None = None, user: str | None = None,
+                  identity: str | None = None, known_hosts: str | None = None,
+                  ssh_options: Sequence[str] = (), connect_timeout: int = 5,
+                  accept_new_host_key: bool = False) -> tuple[bool, str]:
+    """Whether ``ssh host true`` succeeds non-interactively. Returns (ok, reason)."""
+    if shutil.which("ssh") is None:
+        return False, "no ssh client on this machine"
+    common = _ssh_common(port, identity, accept_new_host_key, known_hosts, connect_timeout, ssh_options)
+    target = f"{user}@{host}" if user else host
+    cmd = ["ssh"] + common + (["-p", str(int(port))] if port else []) + ["--", target, "true"]
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=connect_timeout + 10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, str(e)
+    if r.returncode == 0:
+        return True, "ok"
+    err = _classify_ssh_failure(host, r.returncode, r.stderr)
+    return False, str(err) if err else r.stderr.strip()
+
+
+# --------------------------------------------------------------------------- reading results
+
+#: Columns of :func:`load_device_results`.
+RESULT_COLUMNS = ("device", "model_file", "runtime", "precision", "input_hw", "batch", "threads", "fps",
+                  "latency_ms_p50", "latency_ms_p99", "peak_rss_mb", "ram_used_mb", "swap_used_mb",
+                  "power_w", "memory_source", "l4t", "jetpack", "power_mode", "runtime_version", "host",
+                  "date_utc", "git_commit", "source")
+
+
+def load_device_results(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR):
+    """Read every ``<results_dir>/**/*.json`` device result into a DataFrame.
+
+    Args:
+        results_dir: folder (missing folder -> empty frame).
+
+    Returns:
+        ``pandas.DataFrame`` with :data:`RESULT_COLUMNS` (``power_w`` = mean input-rail power
+        during the run, W, NaN without tegrastats; ``source`` = the file path relative to the
+        repository when possible), sorted by device and date.
+
+    Raises:
+        ValueError: a file is not JSON or not a device result (the message names the file).
+    """
+    import pandas as pd
+
+    d = Path(results_dir)
+    rows = []
+    for p in sorted(d.rglob("*.json")) if d.is_dir() else []:
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"device result {p} is not valid JSON: {e}") from e
+        if not isinstance(doc, dict) or doc.get("schema") != dr.SCHEMA or not doc.get("ok"):
+            raise ValueError(f"{p} is not a segcompress device result (expected schema {dr.SCHEMA!r} "
+                             f"and ok=true)")
+        prov = doc.get("provenance") or {}
+        dev = doc.get("device") or {}
+        try:
+            src = str(p.resolve().relative_to(REPO_ROOT))
+        except ValueError:
+            src = str(p)
+        rows.append({
+            "device": dev.get("model"), "model_file": doc.get("model_file"), "runtime": doc.get("runtime"),
+            "precision": doc.get("precision"), "input_hw": "x".join(str(v) for v in doc.get("input_hw", [])),
+            "batch": doc.get("batch"), "threads": doc.get("threads"), "fps": doc.get("fps"),
+            "latency_ms_p50": doc.get("latency_ms_p50"), "latency_ms_p99": doc.get("latency_ms_p99"),
+            "peak_rss_mb": doc.get("peak_rss_mb"), "ram_used_mb": doc.get("ram_used_mb"),
+            "swap_used_mb": doc.get("swap_used_mb"), "power_w": doc.get("power_w_mean"),
+            "memory_source": doc.get("memory_source"), "l4t": dev.get("l4t"), "jetpack": dev.get("jetpack"),
+            "power_mode": dev.get("power_mode"), "runtime_version": doc.get("runtime_version"),
+            "host": prov.get("host"), "date_utc": prov.get("date_utc"), "git_commit": prov.get("git_commit"),
+            "source": src,
+        })
+    df = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    return df.sort_values(["device", "date_utc"], kind="stable").reset_index(drop=True) if len(df) else df
+
+
+# --------------------------------------------------------------------------- deployment section helpers
+
+#: Jetson Nano numbers published by source 000 (UPerNet + MobileViT student); for the
+#: clearly labelled "reported by source 000" rows only, never mixed with measurements.
+SOURCE000_NANO = {
+    "device": "Jetson Nano 4GB (reported by source 000)",
+    "model": "upernet_mobilevit_s", "params_m": 5.6, "miou_kd": 0.6056, "miou_no_kd": 0.5365,
+    "fps_fp32": 3.11, "fps_fp16": 4.49, "ram_used_mb": 3742.0, "swap_used_mb": 1030.0,
+    "source": "reported by source 000 (Jetson Nano 4GB)",
+}
+
+
+def module_fingerprint(module) -> str:
+    """SHA-256 (12 hex chars) of a torch module's state_dict (names, shapes, dtypes, values).
+
+    Used to name exported files so that an export is reused only for identical weights.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:12]
+
+
+def choose_target(bench_host: str = "", remote_python: str | None = None, connect_timeout: int = 5) -> dict:
+    """Where the deployment section measures.
+
+    ``bench_host`` given: that SSH host (alias from ``~/.ssh/config`` allowed), interpreter
+    ``remote_python`` (default ``python3``); it must be reachable (no silent fallback).
+    ``bench_host == ""``: 127.0.0.1 over the same SSH path when an sshd listens on port 22 and
+    accepts the user's keys non-interactively with a known host key (interpreter: this
+    ``sys.executable``), else the local runner (a subprocess of this machine).
+
+    Returns:
+        dict ``mode`` (``"ssh"``/``"local"``), ``host``, ``remote_python``, ``device`` (label for
+        the table, saying plainly which path was used) and ``reason``.
+
+    Raises:
+        RemoteBenchError: ``bench_host`` given but not reachable (the message names it).
+    """
+    import socket
+
+    cpu = dr.device_info()["model"]
+    if bench_host:
+        ok, why = ssh_reachable(bench_host, connect_timeout=connect_timeout)
+        if not ok:
+            raise RemoteBenchError(f"bench_host {bench_host!r} is not usable: {why}", "unreachable", bench_host)
+        return {"mode": "ssh", "host": bench_host, "remote_python": remote_python or "python3",
+                "device": f"{bench_host} (over SSH)", "reason": "bench_host parameter"}
+    try:
+        socket.create_connection(("127.0.0.1", 22), timeout=1).close()
+        ok, why = ssh_reachable("127.0.0.1", connect_timeout=connect_timeout)
+    except OSError as e:
+        ok, why = False, f"no SSH server on 127.0.0.1:22 ({e.strerror or e})"
+    if ok:
+        return {"mode": "ssh", "host": "127.0.0.1", "remote_python": remote_python or sys.executable,
+                "device": f"this machine via SSH to 127.0.0.1 ({cpu})", "reason": "sshd on 127.0.0.1 accepted our key"}
+    return {"mode": "local", "host": None, "remote_python": None,
+            "device": f"this machine (local runner, no SSH server; {cpu})", "reason": why}
+
+
+def measure_file(target: dict, path, *, runtime: str = "ort", precision: str = "fp32",
+                 input_hw: Sequence[int] = (128, 128), threads: int | None = None, warmup_s: float = 1.0,
+                 min_s: float = 3.0, min_runs: int = 50, results_dir=None) -> tuple[dict, Path | None]:
+    """Measure one model file on ``target`` (from :func:`choose_target`) with the device runner.
+
+    SSH targets go through :func:`run_remote` (stored under ``results_dir`` when given); the local
+    target through :func:`run_local_runner` (not stored). Returns (result, stored path or None).
+
+    Raises:
+        RemoteBenchError: the measurement failed (message names the host and the reason).
+    """
+    kw = dict(runtime=runtime, precision=precision, input_hw=input_hw, threads=threads, warmup_s=warmup_s,
+              min_s=min_s, min_runs=min_runs)
+    if target["mode"] == "ssh":
+        return run_remote(target["host"], path, remote_python=target["remote_python"], results_dir=results_dir,
+                          **kw)
+    return run_local_runner(path, **kw), None
+
+
+def onnx_scores(path, loader, threads: int | None = None) -> dict:
+    """mIoU / mDice of an ONNX segmenter on a loader, from onnxruntime outputs.
+
+    Args:
+        path: ONNX file (input NCHW float32, or float16 which is fed cast); output logits
+            (N, C, H', W') resized (bilinear) to the mask size when they differ.
+        loader: yields (images float32 (B, 3, H, W), masks int64 (B, H, W)).
+        threads: intra-op threads.
+
+    Returns:
+        dict ``miou``, ``mdice``, ``pixel_acc`` (see :class:`study.metrics.SegmentationMeter`).
+    """
+    import numpy as np
+
+    from .metrics import SegmentationMeter
+
+    sess, dtype = dr.make_ort_session(str(path), threads)
+    inp = sess.get_inputs()[0]
+    fixed = isinstance(inp.shape[0], int)
+    meter = SegmentationMeter()
+    for images, masks in loader:
+        x = images.numpy().astype(dtype)
+        outs = [sess.run(None, {inp.name: x[i:i + 1]})[0] for i in range(len(x))] if fixed else \
+            [sess.run(None, {inp.name: x})[0]]
+        logits = np.concatenate(outs).astype(np.float32)
+        if logits.shape[-2:] != tuple(masks.shape[-2:]):
+            import torch
+            logits = torch.nn.functional.interpolate(torch.from_numpy(logits), size=tuple(masks.shape[-2:]),
+                                                     mode="bilinear", align_corners=False).numpy()
+        meter.update(logits.argmax(1), masks.numpy())
+    s = meter.compute()
+    return {"miou": s["miou"], "mdice": s["mdice"], "pixel_acc": s["pixel_acc"]}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m study.bench`` argument parser (sub-commands ``remote`` and ``local``)."""
+    p = argparse.ArgumentParser(prog="python -m study.bench",
+                                description="segcompress benchmarks: on a device over SSH, or locally")
+    sub = p.add_subparsers(dest="cmd")
+    sub.required = True
+
+    def common(sp):
+        sp.add_argument("--model", required=True, help="model file (ONNX; TorchScript for --runtime torch)")
+        sp.add_argument("--runtime", choices=dr.RUNTIMES, default="ort")
+        sp.add_argument("--precision", choices=dr.PRECISIONS, default="fp32")
+        sp.add_argument("--input-hw", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
+        sp.add_argument("--batch", type=int, default=1)
+        sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: runtime default)")
+        sp.add_argument("--warmup-s", type=float, default=1.0)
+        sp.add_argument("--min-s", type=float, default=3.0)
+        sp.add_argument("--min-runs", type=int, default=50)
+        sp.add_argument("--warmup-runs", type=int, default=10)
+        sp.add_argument("--timeout", type=float, default=900.0, help="seconds for the benchmark command")
+
+    r = sub.add_parser("remote", help="benchmark on a device over SSH and store the result")
+    r.add_argument("--host", required=True)
+    r.add_argument("--port", type=int, default=None)
+    r.add_argument("--user", default=None)
+    r.add_argument("--identity", default=None, help="private key file (ssh -i)")
+    r.add_argument("--known-hosts", default=None, help="UserKnownHostsFile to use")
+    r.add_argument("--ssh-option", action="append", default=[], metavar="OPT", help="extra ssh -o option")
+    r.add_argument("--accept-new-host-key", action="store_true",
+                   help="StrictHostKeyChecking=accept-new instead of yes")
+    r.add_argument("--remote-python", default="python3")
+    r.add_argument("--connect-timeout", type=int, default=10)
+    r.add_argument("--results", default=str(DEFAULT_RESULTS_DIR), help="results folder")
+    r.add_argument("--no-store", action="store_true", help="print only, store nothing")
+    common(r)
+    lo = sub.add_parser("local", help="run the device runner here as a subprocess (prints JSON)")
+    common(lo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point. Returns 0 on success, 1 on a benchmark failure, 2 on bad arguments."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not Path(args.model).is_file():
+        print(f"error: --model {args.model!r}: no such file", file=sys.stderr)
+        return 2
+    if args.batch < 1 or args.min_runs < 1 or min(args.input_hw) < 1:
+        print("error: --batch, --min-runs and --input-hw must be >= 1", file=sys.stderr)
+        return 2
+    kw = dict(runtime=args.runtime, precision=args.precision, input_hw=args.input_hw, batch=args.batch,
+              threads=args.threads or None, warmup_s=args.warmup_s, min_s=args.min_s,
+              min_runs=args.min_runs, warmup_runs=args.warmup_runs, timeout=args.timeout)
+    try:
+        if args.cmd == "remote":
+            if args.identity and not Path(args.identity).is_file():
+                print(f"error: --identity {args.identity!r}: no such file", file=sys.stderr)
+                return 2
+            cmdline = " ".join(shlex.quote(a) for a in ["python", "-m", "study.bench"] +
+                               list(argv if argv is not None else sys.argv[1:]))
+            res, path = run_remote(args.host, args.model, port=args.port, user=args.user,
+                                   identity=args.identity, known_hosts=args.known_hosts,
+                                   ssh_options=args.ssh_option, accept_new_host_key=args.accept_new_host_key,
+                                   remote_python=args.remote_python, connect_timeout=args.connect_timeout,
+                                   results_dir=None if args.no_store else args.results, command=cmdline, **kw)
+        else:
+            res, path = run_local_runner(args.model, **kw), None
+    except RemoteBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(res, indent=2, sort_keys=True))
+    print(f"{res['device'].get('model')}: p50 {res['latency_ms_p50']:.2f} ms, p99 {res['latency_ms_p99']:.2f} ms, "
+          f"{res['fps']:.2f} FPS, peak RSS {res['peak_rss_mb']:.0f} MB"
+          + (f"; stored {path}" if path else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,922 @@
+#!/usr/bin/env python3
+"""Device-side benchmark runner: one self-contained file for edge devices (Jetson Nano / Orin).
+
+It runs on Python >= 3.6 with the standard library, numpy and ONE runtime, imported lazily
+according to ``--runtime`` (``ort``: onnxruntime, ``trt``: tensorrt + pycuda or torch for
+device buffers, ``torch``: a TorchScript file). :mod:`study.bench` copies it to the device
+over SSH and runs it; it also imports its timing loop, memory sampler and tegrastats parser,
+so the local and the on-device numbers come from the same code.
+
+Usage::
+
+    python3 device_runner.py --model model.onnx --runtime ort --precision fp32 \
+        --input-hw 512 512 --batch 1 --threads 4 --warmup-s 1 --min-s 3 --min-runs 50
+
+What it does: loads the model (timed: ``load_s``), warms up (>= ``--warmup-runs`` and
+>= ``--warmup-s``), then times >= ``--min-runs`` runs and >= ``--min-s`` seconds of single
+inferences (``time.perf_counter``; synchronised when on CUDA). Meanwhile a sampler thread
+records the process RSS (``/proc/self/status``), system RAM / swap (``tegrastats`` when it
+is on the PATH, else ``/proc/meminfo``), GPU load (``GR3D_FREQ``) and the input power rail
+(``POM_5V_IN`` on Nano, ``VDD_IN`` on Orin).
+
+Output: exactly ONE JSON document on stdout (everything else goes to stderr). On failure the
+document has ``"ok": false`` with ``error_kind`` and ``error``, and the exit code says why:
+
+====  =====================================================================
+0     success
+2     bad arguments (argparse)
+3     the runtime named by ``--runtime`` is not installed (message names it)
+4     the model file is missing or unreadable (message names it)
+5     out of memory (MemoryError or the runtime's allocation failure)
+6     any other failure while loading or running the model
+====  =====================================================================
+
+Latencies are in milliseconds, memory in MB (2**20 bytes), power in W, FPS = batch * 1000 /
+mean latency.
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+SCHEMA = "segcompress.device_result/1"
+
+EXIT_OK = 0
+EXIT_BAD_ARGS = 2
+EXIT_RUNTIME_MISSING = 3
+EXIT_MODEL_UNREADABLE = 4
+EXIT_OOM = 5
+EXIT_RUN_FAILED = 6
+
+RUNTIMES = ("ort", "trt", "torch")
+PRECISIONS = ("fp32", "fp16", "int8")
+RUNTIME_MODULES = {"ort": "onnxruntime", "trt": "tensorrt", "torch": "torch"}
+
+#: Input power rails of Jetson boards, in order of preference (mW in tegrastats).
+INPUT_RAILS = ("POM_5V_IN", "VDD_IN", "VIN_SYS_5V0", "VDD_5V0_IN")
+
+
+class RunnerError(Exception):
+    """A failure with an exit code and a kind (``runtime_missing``, ``model_unreadable``,
+    ``oom``, ``run_failed``)."""
+
+    def __init__(self, kind, message, code):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.code = code
+
+
+def log(*args):
+    """Print to stderr (stdout is reserved for the single JSON document)."""
+    print(*args, file=sys.stderr)
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- timing
+
+def time_callable(fn, warmup_s=1.0, min_s=3.0, min_runs=50, warmup_runs=10, sync=None):
+    """Warm up, then time repeated calls of ``fn`` (the loop shared by every runner).
+
+    Warm-up runs until at least ``warmup_runs`` calls AND ``warmup_s`` seconds are done; the
+    timed phase until at least ``min_runs`` calls AND ``min_s`` seconds. Each timed call is
+    ``fn()`` followed by ``sync()`` when given (e.g. ``torch.cuda.synchronize``), measured with
+    ``time.perf_counter``.
+
+    Args:
+        fn: zero-argument callable running one inference.
+        warmup_s, min_s: seconds (float >= 0).
+        min_runs, warmup_runs: counts (int; ``min_runs`` >= 1).
+        sync: optional zero-argument callable that waits for asynchronous work.
+
+    Returns:
+        dict with ``latencies_s`` (list of float seconds, one per timed call),
+        ``warmup_runs`` and ``warmup_s`` (done), ``measure_s`` (wall time of the timed phase).
+
+    Raises:
+        ValueError: ``min_runs`` < 1 or a negative duration.
+    """
+    if min_runs < 1:
+        raise ValueError("min_runs must be >= 1, got %r" % (min_runs,))
+    if warmup_s < 0 or min_s < 0 or warmup_runs < 0:
+        raise ValueError("warmup_s, min_s and warmup_runs must be >= 0")
+    clock = time.perf_counter
+    t0 = clock()
+    n_warm = 0
+    while n_warm < warmup_runs or clock() - t0 < warmup_s:
+        fn()
+        if sync is not None:
+            sync()
+        n_warm += 1
+    warm_done = clock() - t0
+    lat = []
+    t1 = clock()
+    while len(lat) < min_runs or clock() - t1 < min_s:
+        s = clock()
+        fn()
+        if sync is not None:
+            sync()
+        lat.append(clock() - s)
+    return {"latencies_s": lat, "warmup_runs": n_warm, "warmup_s": warm_done,
+            "measure_s": clock() - t1}
+
+
+def summarize_latencies(latencies_s, batch):
+    """Latency statistics of timed runs.
+
+    Args:
+        latencies_s: sequence of per-call latencies, seconds (non-empty).
+        batch: images per call (FPS counts images).
+
+    Returns:
+        dict: ``latency_ms_p50, latency_ms_p90, latency_ms_p99, latency_ms_mean,
+        latency_ms_std, latency_ms_min, latency_ms_max`` (ms, linear-interpolated
+        percentiles), ``fps`` (= batch * 1000 / mean ms), ``runs``, ``batch``.
+    """
+    import numpy as np
+    a = np.asarray(latencies_s, dtype=np.float64) * 1000.0
+    if a.size == 0:
+        raise ValueError("no latencies to summarize")
+    mean = float(a.mean())
+    return {
+        "latency_ms_p50": float(np.percentile(a, 50)),
+        "latency_ms_p90": float(np.percentile(a, 90)),
+        "latency_ms_p99": float(np.percentile(a, 99)),
+        "latency_ms_mean": mean,
+        "latency_ms_std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "latency_ms_min": float(a.min()),
+        "latency_ms_max": float(a.max()),
+        "fps": float(batch) * 1000.0 / mean if mean > 0 else float("inf"),
+        "runs": int(a.size),
+        "batch": int(batch),
+    }
+
+
+# --------------------------------------------------------------------------- memory / tegrastats
+
+_NUM = r"(\d+(?:\.\d+)?)"
+
+
+def parse_tegrastats_line(line):
+    """Parse one ``tegrastats`` line (Jetson Nano / TX2 / Xavier / Orin formats).
+
+    Args:
+        line: one line of tegrastats output (str).
+
+    Returns:
+        dict with whatever the line holds: ``ram_used_mb, ram_total_mb`` (int MB),
+        ``swap_used_mb, swap_total_mb, swap_cached_mb`` (int MB), ``cpu`` (list of
+        ``{"load_pct", "freq_mhz"}``, None for cores that are off), ``emc_freq_pct``,
+        ``gpu_load_pct`` (GR3D_FREQ, %), ``temps_c`` ({sensor: float °C}), ``rails_mw``
+        ({rail: {"cur": mW, "avg": mW}}), and for the input rail (``POM_5V_IN`` on Nano,
+        ``VDD_IN`` on Orin) ``power_rail``, ``power_mw``, ``power_avg_mw``.
+        An unrecognised line gives ``{}``.
+    """
+    out = {}
+    m = re.search(r"\bRAM (\d+)/(\d+)MB", line)
+    if m:
+        out["ram_used_mb"] = int(m.group(1))
+        out["ram_total_mb"] = int(m.group(2))
+    m = re.search(r"\bSWAP (\d+)/(\d+)MB(?: \(cached (\d+)MB\))?", line)
+    if m:
+        out["swap_used_mb"] = int(m.group(1))
+        out["swap_total_mb"] = int(m.group(2))
+        if m.group(3) is not None:
+            out["swap_cached_mb"] = int(m.group(3))
+    m = re.search(r"\bCPU \[([^\]]*)\]", line)
+    if m:
+        cpus = []
+        for part in m.group(1).split(","):
+            part = part.strip()
+            cm = re.match(r"(\d+)%@(\d+)", part)
+            if cm:
+                cpus.append({"load_pct": int(cm.group(1)), "freq_mhz": int(cm.group(2))})
+            else:
+                cm = re.match(r"(\d+)%", part)
+                cpus.append({"load_pct": int(cm.group(1)), "freq_mhz": None} if cm else None)
+        out["cpu"] = cpus
+    m = re.search(r"\bEMC_FREQ (\d+)%", line)
+    if m:
+        out["emc_freq_pct"] = int(m.group(1))
+    m = re.search(r"\bGR3D_FREQ (\d+)%", line)
+    if m:
+        out["gpu_load_pct"] = int(m.group(1))
+    temps = {}
+    for tm in re.finditer(r"\b([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b", line):
+        temps[tm.group(1)] = float(tm.group(2))
+    if temps:
+        out["temps_c"] = temps
+    rails = {}
+    for rm in re.finditer(r"\b((?:POM|VDD|VIN)_[A-Z0-9_]+) (\d+)(?:mW)?/(\d+)(?:mW)?", line):
+        rails[rm.group(1)] = {"cur": int(rm.group(2)), "avg": int(rm.group(3))}
+    if rails:
+        out["rails_mw"] = rails
+        for name in INPUT_RAILS:
+            if name in rails:
+                out["power_rail"] = name
+                out["power_mw"] = rails[name]["cur"]
+                out["power_avg_mw"] = rails[name]["avg"]
+                break
+    return out
+
+
+def read_meminfo(path="/proc/meminfo"):
+    """System memory from ``/proc/meminfo``.
+
+    Returns:
+        dict ``ram_used_mb`` (MemTotal - MemAvailable), ``ram_total_mb``, ``swap_used_mb``
+        (SwapTotal - SwapFree), ``swap_total_mb`` (float MB), or ``{}`` when unreadable.
+    """
+    vals = {}
+    try:
+        with open(path) as fh:
+            for ln in fh:
+                parts = ln.split()
+                if len(parts) >= 2:
+                    vals[parts[0].rstrip(":")] = int(parts[1])  # kB
+    except (OSError, ValueError):
+        return {}
+    if "MemTotal" not in vals:
+        return {}
+    avail = vals.get("MemAvailable", vals.get("MemFree", 0) + vals.get("Cached", 0))
+    return {
+        "ram_used_mb": (vals["MemTotal"] - avail) / 1024.0,
+        "ram_total_mb": vals["MemTotal"] / 1024.0,
+        "swap_used_mb": (vals.get("SwapTotal", 0) - vals.get("SwapFree", 0)) / 1024.0,
+        "swap_total_mb": vals.get("SwapTotal", 0) / 1024.0,
+    }
+
+
+def process_rss_mb(pid="self"):
+    """Current resident set size of a process in MB (``/proc/<pid>/status`` VmRSS), or None."""
+    try:
+        with open("/proc/%s/status" % pid) as fh:
+            for ln in fh:
+                if ln.startswith("VmRSS:"):
+                    return int(ln.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def lifetime_peak_rss_mb():
+    """Peak RSS of this process since it started (exec), MB.
+
+    ``VmHWM`` of ``/proc/self/status`` (the high-water mark of this program's address space);
+    where /proc is missing, ``getrusage`` ``ru_maxrss`` (which on Linux also carries the
+    parent's peak across fork + exec, hence not preferred).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for ln in fh:
+                if ln.startswith("VmHWM:"):
+                    return int(ln.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0
+
+
+class SystemSampler(object):
+    """Background sampler of process RSS, system RAM / swap, GPU load and power.
+
+    ``tegrastats --interval <ms>`` is used when on the PATH (and ``use_tegrastats``), else
+    ``/proc/meminfo`` every ``interval_s``. The process RSS is always read from
+    ``/proc/self/status``. Use as a context manager; :meth:`mark` starts a named phase
+    (e.g. ``"run"``) so that summaries can be restricted to it.
+    """
+
+    def __init__(self, interval_s=0.2, use_tegrastats=True, tegrastats_cmd="tegrastats"):
+        self.interval_s = max(0.05, float(interval_s))
+        self.samples = []  # (t, phase, dict)
+        self.rss = []  # (t, phase, rss_mb)
+        self.phase = "start"
+        self._stop = threading.Event()
+        self._threads = []
+        self._proc = None
+        self.source = "/proc/meminfo"
+        self.tegrastats_error = None
+        self._teg_cmd = shutil.which(tegrastats_cmd) if use_tegrastats else None
+
+    def mark(self, phase):
+        """Start phase ``phase`` (str); later samples are tagged with it."""
+        self.phase = phase
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def start(self):
+        """Start the sampling threads (and ``tegrastats`` when available)."""
+        if self._teg_cmd:
+            try:
+                ms = int(min(500, max(100, self.interval_s * 1000)))
+                self._proc = subprocess.Popen([self._teg_cmd, "--interval", str(ms)],
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                              universal_newlines=True)
+                self.source = "tegrastats"
+                t = threading.Thread(target=self._read_tegrastats)
+                t.daemon = True
+                t.start()
+                self._threads.append(t)
+            except OSError as e:
+                self.tegrastats_error = str(e)
+                self._proc = None
+        t = threading.Thread(target=self._poll)
+        t.daemon = True
+        t.start()
+        self._threads.append(t)
+        # one immediate sample so that short runs are never empty
+        self._sample_once()
+
+    def _sample_once(self):
+        now = time.time()
+        r = process_rss_mb()
+        if r is not None:
+            self.rss.append((now, self.phase, r))
+        if self._proc is None:
+            mi = read_meminfo()
+            if mi:
+                self.samples.append((now, self.phase, mi))
+
+    def _poll(self):
+        while not self._stop.wait(self.interval_s):
+            self._sample_once()
+
+    def _read_tegrastats(self):
+        proc = self._proc
+        for ln in proc.stdout:
+            d = parse_tegrastats_line(ln)
+            if d:
+                self.samples.append((time.time(), self.phase, d))
+            if self._stop.is_set():
+                break
+
+    def stop(self):
+        """Stop sampling (terminates ``tegrastats``)."""
+        self._sample_once()
+        self._stop.set()
+        if self._proc is not None:
+            try:
+                self._proc.terminate()
+                self._proc.wait(timeout=2)
+            except Exception:  # noqa: BLE001 - best effort
+                try:
+                    self._proc.kill()
+                except Exception:  # noqa: BLE001
+                    pass
+            if not self.samples:
+                self.source = "/proc/meminfo (tegrastats gave no lines)"
+                mi = read_meminfo()
+                if mi:
+                    self.samples.append((time.time(), self.phase, mi))
+        for t in self._threads:
+            t.join(timeout=2)
+
+    def summary(self, phases=None):
+        """Maxima / means over the samples of ``phases`` (all when None).
+
+        Returns:
+            dict ``peak_rss_mb`` (max sampled RSS, MB), ``ram_used_mb, swap_used_mb`` (max, MB),
+            ``ram_total_mb, swap_total_mb``, ``gpu_load_pct_mean/max``, ``power_w_mean/max``
+            and ``power_rail`` (when tegrastats reports them; W = mW / 1000),
+            ``memory_source``, ``memory_samples``. Missing quantities are None.
+        """
+        def keep(ph):
+            return phases is None or ph in phases
+
+        rss = [r for (_, ph, r) in self.rss if keep(ph)]
+        smp = [d for (_, ph, d) in self.samples if keep(ph)]
+
+        def mx(key):
+            v = [d[key] for d in smp if d.get(key) is not None]
+            return float(max(v)) if v else None
+
+        def mean(vals):
+            return float(sum(vals)) / len(vals) if vals else None
+
+        gpu = [d["gpu_load_pct"] for d in smp if "gpu_load_pct" in d]
+        pw = [d["power_mw"] / 1000.0 for d in smp if "power_mw" in d]
+        rails = [d["power_rail"] for d in smp if "power_rail" in d]
+        return {
+            "peak_rss_mb": float(max(rss)) if rss else None,
+            "ram_used_mb": mx("ram_used_mb"),
+            "ram_total_mb": mx("ram_total_mb"),
+            "swap_used_mb": mx("swap_used_mb"),
+            "swap_total_mb": mx("swap_total_mb"),
+            "gpu_load_pct_mean": mean(gpu),
+            "gpu_load_pct_max": float(max(gpu)) if gpu else None,
+            "power_w_mean": mean(pw),
+            "power_w_max": float(max(pw)) if pw else None,
+            "power_rail": rails[0] if rails else None,
+            "memory_source": self.source,
+            "memory_samples": len(smp),
+        }
+
+
+# --------------------------------------------------------------------------- device info
+
+def _run_cmd(args, timeout=5):
+    """Output of a command (str, stripped), or None when absent or failing."""
+    if shutil.which(args[0]) is None:
+        return None
+    try:
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True)
+        out, _ = p.communicate(timeout=timeout)
+        return out.strip() if p.returncode == 0 else None
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def _read_text(path):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().decode("utf-8", "replace").replace("\x00", "").strip()
+    except OSError:
+        return None
+
+
+def parse_l4t_release(text):
+    """L4T version from ``/etc/nv_tegra_release`` text, e.g. ``"# R32 (release), REVISION: 6.1"``
+    -> ``"32.6.1"``; None when not recognised."""
+    if not text:
+        return None
+    m = re.search(r"R(\d+) \(release\), REVISION: ([\d.]+)", text)
+    return "%s.%s" % (m.group(1), m.group(2)) if m else None
+
+
+def parse_nvpmodel(text):
+    """Power mode name from ``nvpmodel -q`` output (``"NV Power Mode: MAXN"`` -> ``"MAXN"``)."""
+    if not text:
+        return None
+    m = re.search(r"NV Power Mode:\s*(\S+)", text)
+    return m.group(1) if m else None
+
+
+def device_info():
+    """What this machine is: model, hostname, L4T / JetPack, power mode, OS, CPU.
+
+    Returns:
+        dict ``model`` (``/proc/device-tree/model`` on Jetson, else ``"<cpu model> (<arch>)"``),
+        ``is_jetson`` (bool), ``hostname``, ``l4t``, ``jetpack``, ``power_mode`` (None when
+        unknown), ``kernel``, ``machine``, ``cpu_count``, ``os``.
+    """
+    dt_model = _read_text("/proc/device-tree/model")
+    l4t = parse_l4t_release(_read_text("/etc/nv_tegra_release"))
+    jetpack = _run_cmd(["dpkg-query", "-W", "-f=${Version}", "nvidia-jetpack"])
+    power_mode = parse_nvpmodel(_run_cmd(["nvpmodel", "-q"]))
+    cpu_model = None
+    text = _read_text("/proc/cpuinfo") or ""
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    if m:
+        cpu_model = m.group(1).strip()
+    os_name = None
+    osr = _read_text("/etc/os-release") or ""
+    m = re.search(r'^PRETTY_NAME="?([^"\n]+)"?', osr, re.M)
+    if m:
+        os_name = m.group(1)
+    is_jetson = bool(l4t) or bool(dt_model and ("jetson" in dt_model.lower() or "nvidia" in dt_model.lower()))
+    model = dt_model if dt_model else "%s (%s)" % (cpu_model or platform.processor() or "unknown CPU",
+                                                     platform.machine())
+    return {
+        "model": model,
+        "is_jetson": is_jetson,
+        "hostname": platform.node(),
+        "l4t": l4t,
+        "jetpack": jetpack or None,
+        "power_mode": power_mode,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "os": os_name,
+    }
+
+
+def _module_version(name):
+    mod = sys.modules.get(name)
+    return getattr(mod, "__version__", None) if mod is not None else None
+
+
+# --------------------------------------------------------------------------- runtimes
+
+def _import_runtime(runtime):
+    mod = RUNTIME_MODULES[runtime]
+    try:
+        return __import__(mod)
+    except ImportError as e:
+        raise RunnerError("runtime_missing",
+                          "runtime %r needs the Python module %r, which is not installed for %s "
+                          "(%s): %s" % (runtime, mod, sys.executable, platform.node(), e),
+                          EXIT_RUNTIME_MISSING)
+
+
+def _check_model_file(path):
+    if not os.path.isfile(path):
+        raise RunnerError("model_unreadable", "model file %r does not exist on %s"
+                          % (path, platform.node()), EXIT_MODEL_UNREADABLE)
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest(), os.path.getsize(path)
+    except OSError as e:
+        raise RunnerError("model_unreadable", "model file %r is not readable: %s" % (path, e),
+                          EXIT_MODEL_UNREADABLE)
+
+
+def onnx_precision(path):
+    """Guess the precision of an ONNX file from its first input's type and its ops.
+
+    Returns ``"int8"`` (QuantizeLinear / QLinear* / *Integer ops), ``"fp16"`` (float16 input,
+    or mostly float16 initializers behind float32 I/O) or ``"fp32"``; None when the ``onnx``
+    package is missing.
+    """
+    try:
+        import onnx
+    except ImportError:
+        return None
+    m = onnx.load(path, load_external_data=False)
+    ops = set(n.op_type for n in m.graph.node)
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+              "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}:
+        return "int8"
+    inits = set(i.name for i in m.graph.initializer)
+    for i in m.graph.input:
+        if i.name not in inits:
+            if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+                return "fp16"
+            break
+    # fp16 weights behind float32 I/O (converters that keep the I/O types insert Casts)
+    n16 = sum(1 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    n32 = sum(1 for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    return "fp16" if n16 > n32 else "fp32"
+
+
+def make_ort_session(path, threads=None, providers=None, session_options=None):
+    """Create an onnxruntime ``InferenceSession``.
+
+    Args:
+        path: ONNX file.
+        threads: ``intra_op_num_threads`` (None: onnxruntime's default, recorded as 0).
+        providers: list of execution providers (None: CUDA then CPU when available, else CPU).
+        session_options: an ``onnxruntime.SessionOptions`` to start from.
+
+    Returns:
+        (session, feed_dtype) with ``feed_dtype`` the numpy dtype of the first input.
+    """
+    import numpy as np
+    ort = __import__("onnxruntime")
+    so = session_options if session_options is not None else ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if providers is None:
+        avail = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail] or avail
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+    t = sess.get_inputs()[0].type
+    dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(t, np.float32)
+    return sess, dtype
+
+
+def _ort_runner(path, hw, batch, threads, precision):
+    import numpy as np
+    sess, dtype = make_ort_session(path, threads)
+    inp = sess.get_inputs()[0]
+    x = np.random.RandomState(0).standard_normal((batch, 3, hw[0], hw[1])).astype(dtype)
+    feed = {inp.name: x}
+    fn = lambda: sess.run(None, feed)  # noqa: E731
+    info = {"providers": sess.get_providers(), "onnxruntime": _module_version("onnxruntime"),
+            "input_dtype": np.dtype(dtype).name}
+    actual = onnx_precision(path)
+    if actual is not None and actual != precision:
+        info["precision_in_file"] = actual
+    return fn, None, info
+
+
+def _torch_runner(path, hw, batch, threads, precision):
+    torch = __import__("torch")
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = torch.jit.load(path, map_location=dev)
+    except Exception as e:  # noqa: BLE001
+        raise RunnerError("model_unreadable", "model file %r is not a TorchScript file torch.jit.load "
+                          "can read: %s" % (path, e), EXIT_MODEL_UNREADABLE)
+    model.eval()
+    dtype = torch.float32
+    if precision == "fp16":
+        model = model.half()
+        dtype = torch.float16
+    elif precision == "int8":
+        raise RunnerError("run_failed", "runtime 'torch' takes int8 only as a TorchScript file that is "
+                          "already quantized; pass --precision fp32 for such a file", EXIT_RUN_FAILED)
+    x = torch.randn(batch, 3, hw[0], hw[1], generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+
+    def fn():
+        with torch.inference_mode():
+            model(x)
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    return fn, sync, {"torch": torch.__version__, "torch_device": str(dev),
+                      "torch_threads": torch.get_num_threads()}
+
+
+def build_trt_engine(path, precision, workspace_mb=1024):
+    """Deserialize a TensorRT engine (``.engine``/``.plan``/``.trt``) or build one from ONNX.
+
+    fp16 sets ``BuilderFlag.FP16``; int8 sets ``BuilderFlag.INT8`` and needs an ONNX with Q/DQ
+    nodes (explicit quantization; no calibrator is run here). Works with TensorRT 8.x and 10.x.
+
+    Returns:
+        a ``tensorrt.ICudaEngine``. Raises RunnerError on parse / build failure.
+    """
+    trt = __import__("tensorrt")
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger)
+    if os.path.splitext(path)[1].lower() in (".engine", ".plan", ".trt"):
+        with open(path, "rb") as fh:
+            engine = runtime.deserialize_cuda_engine(fh.read())
+        if engine is None:
+            raise RunnerError("model_unreadable", "TensorRT could not deserialize %r" % path,
+                              EXIT_MODEL_UNREADABLE)
+        return engine
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt, "NetworkDefinitionCreationFlag") and \
+            hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    with open(path, "rb") as fh:
+        ok = parser.parse(fh.read())
+    if not ok:
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RunnerError("model_unreadable", "TensorRT's ONNX parser rejected %r: %s" % (path, errs),
+                          EXIT_MODEL_UNREADABLE)
+    config = builder.create_builder_config()
+    if hasattr(config, "set_memory_pool_limit"):
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    else:
+        config.max_workspace_size = workspace_mb << 20
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)
+    if hasattr(builder, "build_serialized_network"):
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RunnerError("run_failed", "TensorRT failed to build an engine from %r" % path,
+                              EXIT_RUN_FAILED)
+        engine = runtime.deserialize_cuda_engine(plan)
+    else:
+        engine = builder.build_engine(network, config)
+    if engine is None:
+        raise RunnerError("run_failed", "TensorRT failed to build an engine from %r" % path, EXIT_RUN_FAILED)
+    return engine
+
+
+def _trt_runner(path, hw, batch, threads, precision):
+    import numpy as np
+    trt = __import__("tensorrt")
+    engine = build_trt_engine(path, precision)
+    context = engine.create_execution_context()
+    # device buffers: pycuda if present, else torch
+    alloc = None
+    sync = None
+    try:
+        import pycuda.autoinit  # noqa: F401
+        import pycuda.driver as cuda
+
+        def alloc(shape, np_dtype):
+            n = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+            return cuda.mem_alloc(max(n, 1))
+
+        def ptr(buf):
+            return int(buf)
+
+        sync = cuda.Context.synchronize
+        backend = "pycuda"
+    except ImportError:
+        try:
+            import torch
+        except ImportError:
+            raise RunnerError("runtime_missing", "runtime 'trt' needs pycuda or torch (CUDA) for device "
+                              "buffers on %s; neither is installed" % platform.node(), EXIT_RUNTIME_MISSING)
+        if not torch.cuda.is_available():
+            raise RunnerError("runtime_missing", "runtime 'trt' needs CUDA; torch sees no CUDA device on %s"
+                              % platform.node(), EXIT_RUNTIME_MISSING)
+
+        def alloc(shape, np_dtype):
+            return torch.empty(tuple(int(s) for s in shape), dtype={
+                np.float16: torch.float16, np.float32: torch.float32, np.int32: torch.int32,
+                np.int8: torch.int8, np.int64: torch.int64}.get(np.dtype(np_dtype).type, torch.float32),
+                device="cuda")
+
+        def ptr(buf):
+            return int(buf.data_ptr())
+
+        sync = torch.cuda.synchronize
+        backend = "torch"
+    if hasattr(engine, "num_io_tensors"):  # TensorRT >= 8.5 / 10
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        bufs = {}
+        for n in names:
+            is_in = engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
+            shape = list(engine.get_tensor_shape(n))
+            if is_in:
+                shape = [batch if (i == 0 and s < 0) else s for i, s in enumerate(shape)]
+                if len(shape) == 4:
+                    shape[2] = hw[0] if shape[2] < 0 else shape[2]
+                    shape[3] = hw[1] if shape[3] < 0 else shape[3]
+                context.set_input_shape(n, shape)
+        for n in names:
+            shape = list(context.get_tensor_shape(n))
+            bufs[n] = alloc(shape, trt.nptype(engine.get_tensor_dtype(n)))
+            context.set_tensor_address(n, ptr(bufs[n]))
+        stream = 0
+        if backend == "torch":
+            import torch
+            stream = torch.cuda.current_stream().cuda_stream
+
+        def fn():
+            context.execute_async_v3(stream)
+    else:  # TensorRT 7 / 8.x binding API (JetPack 4.6: TRT 8.2)
+        bindings = []
+        bufs = []
+        for i in range(engine.num_bindings):
+            shape = list(engine.get_binding_shape(i))
+            if engine.binding_is_input(i) and any(s < 0 for s in shape):
+                shape = [batch, 3, hw[0], hw[1]]
+                context.set_binding_shape(i, shape)
+            shape = list(context.get_binding_shape(i))
+            b = alloc(shape, trt.nptype(engine.get_binding_dtype(i)))
+            bufs.append(b)
+            bindings.append(ptr(b))
+
+        def fn():
+            context.execute_v2(bindings)
+    return fn, sync, {"tensorrt": trt.__version__, "trt_buffers": backend}
+
+
+LOADERS = {"ort": _ort_runner, "torch": _torch_runner, "trt": _trt_runner}
+
+
+def _is_oom(exc):
+    if isinstance(exc, MemoryError):
+        return True
+    s = str(exc).lower()
+    return any(k in s for k in ("out of memory", "failed to allocate memory", "bad_alloc",
+                                "cannot allocate memory", "std::bad_alloc", "outofmemory"))
+
+
+def run_benchmark(model, runtime="ort", precision="fp32", input_hw=(512, 512), batch=1, threads=None,
+                  warmup_s=1.0, min_s=3.0, min_runs=50, warmup_runs=10, sample_interval_s=0.2,
+                  use_tegrastats=True, model_name=None):
+    """Load ``model`` with ``runtime``, time it and sample memory / power (what ``main`` runs).
+
+    Args:
+        model: model file path (ONNX for ort / trt, TorchScript for torch, or a TRT engine).
+        runtime: ``ort``, ``trt`` or ``torch``. precision: ``fp32``, ``fp16`` or ``int8`` (for
+            ort the file's own precision is used; a mismatch is recorded in
+            ``precision_in_file``).
+        input_hw: (H, W) of the random NCHW input, px. batch: N. threads: CPU threads (None: the
+            runtime's default).
+        warmup_s, min_s, min_runs, warmup_runs: see :func:`time_callable`.
+        model_name: name recorded for the file (default its basename).
+
+    Returns:
+        the result dict (see module docstring; ``ok`` is True).
+
+    Raises:
+        RunnerError: runtime missing (code 3), model unreadable (4), out of memory (5), other (6).
+    """
+    if runtime not in LOADERS:
+        raise RunnerError("run_failed", "unknown runtime %r (choose %s)" % (runtime, ", ".join(RUNTIMES)),
+                          EXIT_RUN_FAILED)
+    sha, nbytes = _check_model_file(model)
+    _import_runtime(runtime)
+    import numpy as np
+    hw = (int(input_hw[0]), int(input_hw[1]))
+    with SystemSampler(interval_s=sample_interval_s, use_tegrastats=use_tegrastats) as sampler:
+        before = sampler.summary()
+        sampler.mark("load")
+        t0 = time.perf_counter()
+        try:
+            fn, sync, info = LOADERS[runtime](model, hw, int(batch), threads, precision)
+        except RunnerError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if _is_oom(e):
+                raise RunnerError("oom", "out of memory while loading %r with %s on %s: %s"
+                                  % (model, runtime, platform.node(), e), EXIT_OOM)
+            raise RunnerError("model_unreadable" if runtime == "ort" and "load" in str(e).lower()
+                              else "run_failed",
+                              "%s could not load %r: %s: %s" % (runtime, model, type(e).__name__, e),
+                              EXIT_MODEL_UNREADABLE if runtime == "ort" and "load" in str(e).lower()
+                              else EXIT_RUN_FAILED)
+        load_s = time.perf_counter() - t0
+        sampler.mark("run")
+        try:
+            timing = time_callable(fn, warmup_s=warmup_s, min_s=min_s, min_runs=min_runs,
+                                   warmup_runs=warmup_runs, sync=sync)
+        except Exception as e:  # noqa: BLE001
+            if _is_oom(e):
+                raise RunnerError("oom", "out of memory while running %r with %s on %s: %s"
+                                  % (model, runtime, platform.node(), e), EXIT_OOM)
+            raise RunnerError("run_failed", "%s failed running %r: %s: %s"
+                              % (runtime, model, type(e).__name__, e), EXIT_RUN_FAILED)
+        sampler.mark("end")
+    mem = sampler.summary(phases=("load", "run", "end"))
+    res = {"schema": SCHEMA, "ok": True, "runtime": runtime, "precision": precision,
+           "model_file": model_name or os.path.basename(model), "model_sha256": sha,
+           "model_bytes": nbytes, "input_hw": list(hw), "threads": threads if threads else 0,
+           "load_s": load_s}
+    res.update(summarize_latencies(timing["latencies_s"], batch))
+    res.update(mem)
+    res["peak_rss_mb"] = max(mem["peak_rss_mb"] or 0.0, lifetime_peak_rss_mb())
+    res["rss_note"] = "max of sampled VmRSS and VmHWM (peak since exec) of the runner process"
+    res["ram_used_mb_before"] = before.get("ram_used_mb")
+    res["swap_used_mb_before"] = before.get("swap_used_mb")
+    res["warmup_runs_done"] = timing["warmup_runs"]
+    res["warmup_s_done"] = timing["warmup_s"]
+    res["measure_s"] = timing["measure_s"]
+    res["settings"] = {"warmup_s": warmup_s, "min_s": min_s, "min_runs": min_runs,
+                       "warmup_runs": warmup_runs, "sample_interval_s": sample_interval_s}
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for k in ("onnxruntime", "tensorrt", "torch"):
+        v = _module_version(k)
+        if v:
+            versions[k] = v
+    res["runtime_version"] = versions.get(RUNTIME_MODULES[runtime])
+    res["versions"] = versions
+    res["runtime_info"] = info
+    res["device"] = device_info()
+    res["python_executable"] = sys.executable
+    return res
+
+
+def build_parser():
+    """argparse parser of the runner's command line."""
+    p = argparse.ArgumentParser(description="segcompress device-side benchmark runner (prints one JSON)")
+    p.add_argument("--model", required=True, help="model file (ONNX, TorchScript, TRT engine)")
+    p.add_argument("--model-name", default=None, help="name to record for the model (default: basename)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="ort")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--input-hw", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: runtime default)")
+    p.add_argument("--warmup-s", type=float, default=1.0)
+    p.add_argument("--min-s", type=float, default=3.0)
+    p.add_argument("--min-runs", type=int, default=50)
+    p.add_argument("--warmup-runs", type=int, default=10)
+    p.add_argument("--sample-interval-s", type=float, default=0.2)
+    p.add_argument("--no-tegrastats", action="store_true", help="read /proc/meminfo even on a Jetson")
+    return p
+
+
+def main(argv=None):
+    """Entry point: parse ``argv``, run, print one JSON document; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.batch < 1 or args.min_runs < 1 or min(args.input_hw) < 1:
+        log("error: --batch, --min-runs and --input-hw must be >= 1")
+        return EXIT_BAD_ARGS
+    try:
+        res = run_benchmark(args.model, runtime=args.runtime, precision=args.precision,
+                            input_hw=args.input_hw, batch=args.batch, threads=args.threads or None,
+                            warmup_s=args.warmup_s, min_s=args.min_s, min_runs=args.min_runs,
+                            warmup_runs=args.warmup_runs, sample_interval_s=args.sample_interval_s,
+                            use_tegrastats=not args.no_tegrastats, model_name=args.model_name)
+        code = EXIT_OK
+    except RunnerError as e:
+        log("error: %s" % e)
+        res = {"schema": SCHEMA, "ok": False, "error_kind": e.kind, "error": str(e),
+               "runtime": args.runtime, "precision": args.precision, "exit_code": e.code}
+        code = e.code
+    except MemoryError as e:
+        res = {"schema": SCHEMA, "ok": False, "error_kind": "oom", "exit_code": EXIT_OOM,
+               "error": "out of memory on %s: %s" % (platform.node(), e)}
+        code = EXIT_OOM
+    sys.stdout.write(json.dumps(res, sort_keys=True) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1258 @@
+"""Quantization for deployment: ONNX export, fp16, INT8 post-training quantization, TensorRT.
+
+The study question of this module is *which precision, on which runtime, earns speed on an
+edge device without losing accuracy* - measured, not assumed. It provides:
+
+- :func:`export_onnx` / :func:`verify_onnx`: a checked, simplified ONNX export of any
+  segmentation ``nn.Module`` (zoo models and physically pruned ones), compared with torch
+  on real images.
+- :func:`convert_fp16` (ONNX Runtime's ``float16`` converter, fp32 I/O kept) and
+  :func:`torch_lowp` (torch ``half`` / ``bfloat16`` on CPU).
+- :func:`quantize_int8` (static post-training quantization with ONNX Runtime's
+  ``quantize_static``: affine INT8, Jacob et al. 2018, "Quantization and Training of Neural
+  Networks for Efficient Integer-Arithmetic-Only Inference") and
+  :func:`quantize_dynamic_int8` (dynamic quantization baseline).
+- Selective quantization whose exclusions come from measurements: :func:`profile_ops` (ORT
+  profiler, time per op type and per node), :func:`node_sensitivity` (quantize one op-type
+  group at a time, or exclude one, and measure output error / mIoU change),
+  :func:`select_nodes_to_exclude`, and :func:`kernel_counts` (which kernels the
+  ORT-optimised graph really runs, e.g. ``QLinearConv`` vs ``Conv``).
+- Stale-vs-fresh calibration of pruned models (source 001's warning):
+  :func:`calibration_table`, :func:`stale_calibration_table`.
+- :func:`build_trt_engine`: TensorRT fp16 / INT8 engines (INT8 with an entropy calibrator
+  over the same images) where ``tensorrt`` and a CUDA device exist; elsewhere it raises
+  :class:`QuantUnavailable`.
+
+Affine quantization maps a real tensor ``x`` to ``x_q = clamp(round(x / s) + z, q_min, q_max)``
+with scale ``s`` and zero point ``z`` chosen from the calibration range of ``x``; the
+dequantized value is ``s * (x_q - z)``. QDQ format (ORT docs, "Quantize ONNX models") inserts
+``QuantizeLinear``/``DequantizeLinear`` pairs that ORT's graph optimiser fuses into integer
+kernels (``QLinearConv``, ``QLinearMatMul``, ...) where a kernel exists; QOperator format
+writes the integer operators directly.
+
+All ONNX Runtime sessions here use a fixed number of intra-op threads (``threads``,
+default 2) and one inter-op thread, so timings are comparable between variants.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .cache import atomic_write_bytes
+
+#: Input / output names of every exported model.
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+#: Default ORT intra-op threads (profile-independent so timings stay comparable).
+DEFAULT_THREADS = 2
+
+
+class QuantUnavailable(RuntimeError):
+    """A runtime or device the requested path needs is absent (e.g. TensorRT, CUDA)."""
+
+
+class ExportError(RuntimeError):
+    """Both ONNX exporters failed, or the exported graph does not pass ``onnx.checker``."""
+
+
+# --------------------------------------------------------------------------------------
+# Export and verification
+# --------------------------------------------------------------------------------------
+
+class _LogitsOnly(torch.nn.Module):
+    """Wrap a segmenter so that it returns one tensor (the logits), whatever it returns."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return _as_logits(self.model(x))
+
+
+def _as_logits(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        for k in ("out", "logits", "seg"):
+            if k in out:
+                return out[k]
+        return next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"model returned {type(out).__name__}; expected a tensor, tuple or dict of logits")
+
+
+def _hw(input_hw) -> tuple[int, int]:
+    if isinstance(input_hw, int):
+        return int(input_hw), int(input_hw)
+    try:
+        h, w = (int(v) for v in input_hw)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"input_hw must be an int or (H, W); got {input_hw!r}") from exc
+    if h <= 0 or w <= 0:
+        raise ValueError(f"input_hw must be positive; got {input_hw!r}")
+    return h, w
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, input_hw, opset: int = 17,
+                simplify: bool = True, dynamic_batch: bool = False) -> Path:
+    """Export a segmentation model to a checked, simplified ONNX file.
+
+    The model is exported in eval mode (its training flag is restored afterwards) from a
+    fixed float32 input of shape ``(1, 3, H, W)`` named ``image``; the output ``logits`` is
+    ``(1, C, H', W')`` float32 (tuple / dict outputs are reduced to their first / ``out``
+    entry). The legacy TorchScript exporter (``dynamo=False``) is tried first; if it fails
+    (it refuses e.g. ``adaptive_avg_pool2d`` whose output size does not divide the input,
+    as in PSP bins 3 and 6 on an 8x8 map) the dynamo exporter is used. The graph is then
+    simplified with onnxslim, checked with ``onnx.checker.check_model`` and written
+    atomically (temp file in the same folder, then rename). The exporter used is stored in
+    the model's ``metadata_props`` (key ``exporter``).
+
+    Works for ordinary ``nn.Module`` instances, including physically pruned models.
+
+    Args:
+        model: the segmenter; any device (exported on its device).
+        path: output ``.onnx`` file; parent folders are created.
+        input_hw: int or ``(H, W)`` of the example input, pixels.
+        opset: ONNX opset (default 17: LayerNormalization is native).
+        simplify: run onnxslim (constant folding, shape simplification, fusion).
+        dynamic_batch: make the batch dimension symbolic (``batch``).
+
+    Returns:
+        ``Path`` of the written file.
+
+    Raises:
+        ValueError: bad ``input_hw``.
+        ExportError: both exporters failed (the message holds both errors) or the checked
+            graph is invalid.
+    """
+    import onnx
+
+    h, w = _hw(input_hw)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    wrapped = _LogitsOnly(model).eval()
+    x = torch.randn(1, 3, h, w, device=_model_device(model))
+    dyn = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    errors = []
+    proto = None
+    exporter = ""
+    with tempfile.TemporaryDirectory(prefix="onnx_export_", dir=path.parent) as tmpd, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tmp = Path(tmpd) / "model.onnx"
+        try:
+            with torch.no_grad():
+                torch.onnx.export(wrapped, (x,), str(tmp), opset_version=opset, dynamo=False,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes=dyn, do_constant_folding=True)
+            proto = onnx.load(str(tmp))
+            exporter = "torchscript"
+        except Exception as exc:  # noqa: BLE001 - reported if the fallback fails too
+            errors.append(f"legacy exporter: {type(exc).__name__}: {str(exc)[:500]}")
+        if proto is None:
+            try:
+                dshapes = ({"x": {0: torch.export.Dim("batch", min=1, max=64)}},) if dynamic_batch else None
+                # the dynamo exporter emits opset >= 18 natively; asking it for less runs a
+                # version converter that fails on Reduce* axes inputs, so use max(opset, 18).
+                with torch.no_grad():
+                    prog = torch.onnx.export(wrapped, (x,), dynamo=True, opset_version=max(opset, 18),
+                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                             dynamic_shapes=dshapes[0] if dshapes else None,
+                                             optimize=True, verbose=False)
+                prog.save(str(tmp))
+                proto = onnx.load(str(tmp))
+                exporter = "dynamo"
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"dynamo exporter: {type(exc).__name__}: {str(exc)[:500]}")
+    model.train(was_training)
+    if proto is None:
+        raise ExportError(f"could not export {type(model).__name__} to {path}:\n" + "\n".join(errors))
+    if simplify:
+        import onnxslim
+        try:
+            proto = onnxslim.slim(proto)
+        except Exception as exc:  # noqa: BLE001 - keep the unsimplified (valid) graph
+            print(f"export_onnx: onnxslim failed on {path.name} ({exc!r}); keeping the unsimplified graph")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"exported graph for {path} fails onnx.checker: {exc}") from exc
+    meta = {p.key: p for p in proto.metadata_props}
+    for k, v in (("exporter", exporter), ("input_hw", f"{h}x{w}"), ("source_class", type(model).__name__)):
+        if k in meta:
+            meta[k].value = v
+        else:
+            proto.metadata_props.add(key=k, value=v)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def ort_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS, providers: Sequence[str] | None = None,
+                optimized_model_path: str | os.PathLike | None = None, enable_profiling: bool = False,
+                profile_prefix: str | None = None, session_options=None):
+    """Create an ONNX Runtime ``InferenceSession`` with fixed threading.
+
+    Args:
+        path: ``.onnx`` file.
+        threads: intra-op threads (inter-op is 1, sequential execution).
+        providers: execution providers (default ``["CPUExecutionProvider"]``).
+        optimized_model_path: if given, ORT writes its optimised graph there (what really runs).
+        enable_profiling: turn on ORT's JSON profiler (``profile_prefix`` names the file).
+        session_options: an ``ort.SessionOptions`` to start from (copied fields are overridden).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    so = session_options if session_options is not None else ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    if enable_profiling:
+        so.enable_profiling = True
+        if profile_prefix:
+            so.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def _check_images(images, what: str = "images") -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise ValueError(f"{what} must be float32 (N, 3, H, W); got shape {arr.shape}")
+    if len(arr) == 0:
+        raise ValueError(f"{what} is empty")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def ort_predict(model_or_session, images, threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """Run an ONNX model on images, one image at a time when the batch dimension is fixed.
+
+    Args:
+        model_or_session: ``.onnx`` path or an ``InferenceSession``.
+        images: float32 ``(N, 3, H, W)`` (numpy or torch), ImageNet-normalised.
+        threads: intra-op threads when a path is given.
+
+    Returns:
+        float32 logits ``(N, C, H', W')``.
+    """
+    sess = model_or_session if hasattr(model_or_session, "run") else ort_session(model_or_session, threads)
+    arr = _check_images(images)
+    inp = sess.get_inputs()[0]
+    fixed = isinstance(inp.shape[0], int) and inp.shape[0] == 1
+    if fixed:
+        outs = [sess.run(None, {inp.name: arr[i:i + 1]})[0] for i in range(len(arr))]
+        return np.concatenate(outs).astype(np.float32, copy=False)
+    return sess.run(None, {inp.name: arr})[0].astype(np.float32, copy=False)
+
+
+@torch.no_grad()
+def torch_predict(model: torch.nn.Module, images, batch: int = 8, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Logits of a torch segmenter, float32 ``(N, C, H, W)``; ``dtype`` casts the inputs (half / bf16)."""
+    arr = _check_images(images)
+    model.eval()
+    dev = _model_device(model)
+    outs = []
+    for i in range(0, len(arr), batch):
+        x = torch.from_numpy(arr[i:i + batch]).to(dev)
+        if dtype is not None:
+            x = x.to(dtype)
+        outs.append(_as_logits(model(x)).float().cpu().numpy())
+    return np.concatenate(outs)
+
+
+def verify_onnx(model: torch.nn.Module, path: str | os.PathLike, images, threads: int = DEFAULT_THREADS) -> dict:
+    """Compare an exported ONNX model with its torch model on real images.
+
+    Args:
+        model: the torch segmenter that was exported.
+        path: its ``.onnx`` file.
+        images: float32 ``(N, 3, H, W)`` (ImageNet-normalised), the export's H, W.
+        threads: ORT intra-op threads.
+
+    Returns:
+        dict with ``max_abs_diff`` and ``mean_abs_diff`` (logit units), ``argmax_agreement``
+        (fraction of pixels whose arg-max class agrees, in [0, 1]) and ``n_images``.
+
+    Raises:
+        ValueError: images of the wrong shape.
+        FileNotFoundError: no such ONNX file.
+    """
+    arr = _check_images(images)
+    ref = torch_predict(model, arr)
+    got = ort_predict(path, arr, threads=threads)
+    if ref.shape != got.shape:
+        raise ValueError(f"torch output {ref.shape} and ONNX output {got.shape} of {path} differ in shape")
+    diff = np.abs(ref - got)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n_images": int(len(arr))}
+
+
+def model_size_mb(path: str | os.PathLike) -> float:
+    """Size of a model file in MB (10^6 bytes).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return path.stat().st_size / 1e6
+
+
+# --------------------------------------------------------------------------------------
+# fp16 / bf16
+# --------------------------------------------------------------------------------------
+
+def convert_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike, keep_io_types: bool = True,
+                 op_block_list: Sequence[str] | None = None) -> Path:
+    """Convert an fp32 ONNX model to fp16 weights and activations (ORT ``float16`` converter).
+
+    Uses ``onnxruntime.transformers.float16.convert_float_to_float16``; with
+    ``keep_io_types=True`` the graph input ``image`` and output ``logits`` stay float32 (Cast
+    nodes are inserted), so callers feed and read float32 as for the fp32 model. Whether it
+    is faster depends on the execution provider: ORT's CPU provider has few fp16 kernels
+    (it inserts Casts back to float32 around the rest), GPUs (source 000's Jetson) have
+    native fp16 arithmetic.
+
+    Args:
+        fp32_path: float32 ``.onnx`` file.
+        out_path: output ``.onnx`` file (written atomically).
+        keep_io_types: keep float32 graph inputs / outputs.
+        op_block_list: op types left in float32 (default: the converter's own list).
+
+    Returns:
+        ``Path`` of the fp16 model.
+
+    Raises:
+        FileNotFoundError: ``fp32_path`` does not exist.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    fp32_path = Path(fp32_path)
+    if not fp32_path.is_file():
+        raise FileNotFoundError(f"fp32 ONNX model not found: {fp32_path}")
+    proto = onnx.load(str(fp32_path))
+    blocks = list(op_block_list) if op_block_list is not None else list(DEFAULT_OP_BLOCK_LIST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(proto, keep_io_types=keep_io_types, op_block_list=blocks)
+    atomic_write_bytes(out_path, half.SerializeToString())
+    return Path(out_path)
+
+
+class _LowPrecision(torch.nn.Module):
+    """Run ``model`` in ``dtype``: cast the float32 input in and the logits back to float32."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x):
+        return _as_logits(self.model(x.to(self.dtype))).float()
+
+
+def torch_lowp(model: torch.nn.Module, dtype: torch.dtype, input_hw=64) -> tuple[torch.nn.Module | None, str]:
+    """A copy of ``model`` running in ``torch.half`` or ``torch.bfloat16`` on CPU, if torch can.
+
+    The copy takes float32 ``(N, 3, H, W)`` inputs and returns float32 logits, so it drops
+    into the same evaluation and benchmark code as the fp32 model.
+
+    Args:
+        model: the fp32 segmenter (not modified).
+        dtype: ``torch.float16`` or ``torch.bfloat16``.
+        input_hw: size of the probe forward pass used to check kernel support, px.
+
+    Returns:
+        ``(wrapped_model, "")`` when a forward pass works, else ``(None, reason)`` with the
+        error torch raised (e.g. a missing CPU half kernel).
+    """
+    h, w = _hw(input_hw)
+    m = copy.deepcopy(model).cpu().eval().to(dtype)
+    wrapped = _LowPrecision(m, dtype).eval()
+    try:
+        with torch.no_grad():
+            out = wrapped(torch.randn(1, 3, h, w))
+        if not torch.isfinite(out).all():
+            return None, f"{dtype} forward produced non-finite logits"
+    except Exception as exc:  # noqa: BLE001 - reported to the caller
+        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return wrapped, ""
+
+
+# --------------------------------------------------------------------------------------
+# INT8 post-training quantization (ONNX Runtime)
+# --------------------------------------------------------------------------------------
+
+class _quiet_root_logger:
+    """Silence the root-logger WARNINGs ORT's quantizer prints per tensor (e.g. LayerNorm per-channel axis)."""
+
+    def __enter__(self):
+        import logging
+        self._prev = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+
+    def __exit__(self, *exc):
+        import logging
+        logging.disable(self._prev)
+
+
+def _ort_quant():
+    from onnxruntime import quantization as q
+    return q
+
+
+def _calibration_reader_class():
+    q = _ort_quant()
+
+    class ImageCalibrationReader(q.CalibrationDataReader):
+        """ORT ``CalibrationDataReader`` over float32 images, fed one image (batch 1) at a time.
+
+        Args:
+            images: float32 ``(N, 3, H, W)``, ImageNet-normalised like the model's input.
+            input_name: the model's input name (default ``image``).
+        """
+
+        def __init__(self, images, input_name: str = INPUT_NAME):
+            self.images = _check_images(images, "calib_images")
+            self.input_name = input_name
+            self.start, self.end = 0, len(self.images)
+            self._it = None
+
+        def __len__(self):
+            return len(self.images)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.start, self.end = start_index, end_index
+            self._it = None
+
+        def get_next(self):
+            if self._it is None:
+                self._it = iter(range(self.start, min(self.end, len(self.images))))
+            i = next(self._it, None)
+            if i is None:
+                return None
+            return {self.input_name: self.images[i:i + 1]}
+
+        def rewind(self):
+            self._it = None
+
+    return ImageCalibrationReader
+
+
+def calibration_reader(images, input_name: str = INPUT_NAME):
+    """An ORT ``CalibrationDataReader`` yielding ``{input_name: images[i:i+1]}`` for each image.
+
+    Args:
+        images: float32 ``(N, 3, H, W)`` (numpy or torch).
+
+    Raises:
+        ValueError: wrong shape or empty.
+    """
+    return _calibration_reader_class()(images, input_name)
+
+
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+_QTYPES = {"u8": "QUInt8", "s8": "QInt8", "uint8": "QUInt8", "int8": "QInt8"}
+
+
+def _calib_method(method):
+    q = _ort_quant()
+    if isinstance(method, q.CalibrationMethod):
+        return method
+    key = str(method).lower()
+    if key not in _METHODS:
+        raise ValueError(f"calibration method must be one of {list(_METHODS)}; got {method!r}")
+    return getattr(q.CalibrationMethod, _METHODS[key])
+
+
+def _quant_format(fmt):
+    q = _ort_quant()
+    if isinstance(fmt, q.QuantFormat):
+        return fmt
+    key = str(fmt).lower()
+    if key not in ("qdq", "qoperator"):
+        raise ValueError(f"quant_format must be 'qdq' or 'qoperator' (or a QuantFormat); got {fmt!r}")
+    return q.QuantFormat.QDQ if key == "qdq" else q.QuantFormat.QOperator
+
+
+def _qtype(t):
+    q = _ort_quant()
+    if isinstance(t, q.QuantType):
+        return t
+    key = str(t).lower()
+    if key not in _QTYPES:
+        raise ValueError(f"quantization type must be one of {list(_QTYPES)}; got {t!r}")
+    return getattr(q.QuantType, _QTYPES[key])
+
+
+def preprocess_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
+    """Run ORT's ``quant_pre_process`` (shape inference + basic graph optimisation) once.
+
+    The result is ``<stem>.pre.onnx`` beside the input unless ``out_path`` is given; it is
+    reused while it is newer than the input. Quantization, calibration tables, node names
+    for exclusion and sensitivity all refer to this pre-processed graph.
+
+    Raises:
+        FileNotFoundError: ``fp32_path`` does not exist.
+    """
+    fp32_path = Path(fp32_path)
+    if not fp32_path.is_file():
+        raise FileNotFoundError(f"fp32 ONNX model not found: {fp32_path}")
+    out = Path(out_path) if out_path else fp32_path.with_name(fp32_path.stem + ".pre.onnx")
+    if out.is_file() and out.stat().st_mtime >= fp32_path.stat().st_mtime:
+        return out
+    q = _ort_quant()
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        try:
+            quant_pre_process(str(fp32_path), tmp)
+        except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs
+            quant_pre_process(str(fp32_path), tmp, skip_symbolic_shape=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    del q
+    return out
+
+
+def calibration_table(fp32_path: str | os.PathLike, calib_images, out_path: str | os.PathLike,
+                      method: str = "minmax", activation_symmetric: bool = False,
+                      percentile: float = 99.999) -> Path:
+    """Calibrate once: run the pre-processed model on ``calib_images`` and store tensor ranges.
+
+    The JSON written is ORT's calibration cache (``save_tensors_data``): tensor name ->
+    (min, max) for MinMax, histogram-derived ranges for Entropy / Percentile. Passing it as
+    ``calibration_cache`` to :func:`quantize_int8` skips the calibration runs, so many
+    quantized variants (sensitivity analysis) share one calibration, and a table computed on
+    one model can be applied to another whose tensor names match (stale calibration).
+
+    Args:
+        fp32_path: float32 ``.onnx``.
+        calib_images: float32 ``(N, 3, H, W)``; N is the calibration size.
+        out_path: JSON file (written atomically).
+        method: ``minmax``, ``entropy``, ``percentile`` or ``distribution``.
+        activation_symmetric: symmetric ranges (needed with signed activations).
+        percentile: kept percentile for ``percentile`` calibration.
+
+    Returns:
+        ``Path`` of the JSON table.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    pre = preprocess_onnx(fp32_path)
+    reader = calibration_reader(calib_images)
+    opts = {"symmetric": bool(activation_symmetric)}
+    if str(method).lower() == "percentile":
+        opts["percentile"] = float(percentile)
+    with tempfile.TemporaryDirectory(prefix="ort_calib_") as tmpd:
+        cal = create_calibrator(pre, None, augmented_model_path=str(Path(tmpd) / "augmented.onnx"),
+                                calibrate_method=_calib_method(method), extra_options=opts)
+        cal.collect_data(reader)
+        ranges = cal.compute_data()
+        del cal
+    out = Path(out_path)
+    save_tensors_data(ranges, out)
+    return out
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_images=None,
+                  method: str = "minmax", per_channel: bool = True, nodes_to_exclude: Iterable[str] = (),
+                  op_types_to_quantize: Sequence[str] | None = None, quant_format="qdq",
+                  activation_type: str = "u8", weight_type: str = "s8", activation_symmetric: bool = False,
+                  weight_symmetric: bool = True, reduce_range: bool = False, percentile: float = 99.999,
+                  calibration_cache: str | os.PathLike | None = None, nodes_to_quantize: Sequence[str] | None = None,
+                  extra_options: dict | None = None) -> Path:
+    """Static INT8 post-training quantization with ONNX Runtime's ``quantize_static``.
+
+    Affine quantization (Jacob et al. 2018): ``x_q = clamp(round(x / s) + z)``; activations
+    use ranges measured on ``calib_images`` (calibration), weights their own min/max, per
+    output channel when ``per_channel``. The model is pre-processed with
+    ``quant_pre_process`` first (:func:`preprocess_onnx`); the output is written to a temp
+    file and renamed (atomic).
+
+    Args:
+        fp32_path: float32 ``.onnx`` (from :func:`export_onnx`).
+        out_path: INT8 ``.onnx`` to write.
+        calib_images: float32 ``(N, 3, H, W)`` calibration images (ImageNet-normalised).
+            Optional when ``calibration_cache`` is an existing table.
+        method: calibration: ``minmax``, ``entropy``, ``percentile`` (or ``distribution``).
+        per_channel: per-output-channel weight scales.
+        nodes_to_exclude: node names (of the pre-processed graph) left in float32.
+        op_types_to_quantize: e.g. ``["Conv", "MatMul"]``; None quantizes every op type
+            ORT supports.
+        quant_format: ``"qdq"`` (QuantizeLinear/DequantizeLinear pairs, ORT fuses them) or
+            ``"qoperator"`` (QLinearConv etc. written directly), or a ``QuantFormat``.
+        activation_type, weight_type: ``"u8"`` or ``"s8"`` (u8 activations + s8 weights is
+            ORT's recommended x86 combination).
+        activation_symmetric, weight_symmetric: symmetric ranges (zero point 0).
+        reduce_range: 7-bit weights (helps non-VNNI x86 CPUs).
+        percentile: kept percentile of ``percentile`` calibration.
+        calibration_cache: JSON from :func:`calibration_table`; used if it exists, else the
+            calibration computed here is stored there.
+        nodes_to_quantize: quantize only these nodes (None: all).
+        extra_options: further ``quantize_static`` ``extra_options`` (override the above).
+
+    Returns:
+        ``Path`` of the INT8 model.
+
+    Raises:
+        FileNotFoundError: no ``fp32_path``.
+        ValueError: no calibration data and no existing calibration cache; bad option names.
+    """
+    q = _ort_quant()
+    cache = Path(calibration_cache) if calibration_cache is not None else None
+    if calib_images is None and (cache is None or not cache.is_file()):
+        raise ValueError(f"quantize_int8({fp32_path}): give calib_images or an existing calibration_cache")
+    pre = preprocess_onnx(fp32_path)
+    opts = {"ActivationSymmetric": bool(activation_symmetric), "WeightSymmetric": bool(weight_symmetric),
+            "CalibTensorRangeSymmetric": bool(activation_symmetric)}
+    if str(method).lower() == "percentile":
+        opts["CalibPercentile"] = float(percentile)
+    opts.update(extra_options or {})
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), _quiet_root_logger():
+            warnings.simplefilter("ignore")
+            q.quantize_static(
+                str(pre), tmp,
+                calibration_data_reader=calibration_reader(calib_images) if calib_images is not None else None,
+                quant_format=_quant_format(quant_format), op_types_to_quantize=op_types_to_quantize,
+                per_channel=per_channel, reduce_range=reduce_range,
+                activation_type=_qtype(activation_type), weight_type=_qtype(weight_type),
+                nodes_to_quantize=list(nodes_to_quantize) if nodes_to_quantize is not None else None,
+                nodes_to_exclude=list(nodes_to_exclude), calibrate_method=_calib_method(method),
+                extra_options=opts, calibration_cache_path=cache)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def quantize_dynamic_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, per_channel: bool = False,
+                          op_types_to_quantize: Sequence[str] | None = None, nodes_to_exclude: Iterable[str] = (),
+                          weight_type: str = "u8") -> Path:
+    """Dynamic INT8 quantization baseline (ORT ``quantize_dynamic``): no calibration.
+
+    Weights are quantized offline; activation scales are computed at run time per tensor
+    (``DynamicQuantizeLinear``), so Conv becomes ``ConvInteger`` and MatMul
+    ``MatMulInteger``/``DynamicQuantizeMatMul``. ORT's CPU ``ConvInteger`` wants uint8
+    weights, hence the ``u8`` default. Written atomically.
+
+    Returns:
+        ``Path`` of the INT8 model.
+
+    Raises:
+        FileNotFoundError: no ``fp32_path``.
+    """
+    q = _ort_quant()
+    pre = preprocess_onnx(fp32_path)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q.quantize_dynamic(str(pre), tmp, op_types_to_quantize=op_types_to_quantize, per_channel=per_channel,
+                               nodes_to_exclude=list(nodes_to_exclude), weight_type=_qtype(weight_type))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# What runs, and where the time goes
+# --------------------------------------------------------------------------------------
+
+#: Op types that compute in integer arithmetic on ORT's CPU provider.
+INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+                "DynamicQuantizeMatMul", "QGemm", "QAttention", "QLinearAdd", "QLinearMul", "QLinearConcat",
+                "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool",
+                "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere", "QLinearConvTranspose")
+#: Float op types that carry the multiply-accumulates (what INT8 would replace).
+FLOAT_COMPUTE = ("Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "ConvTranspose",
+                 "Attention", "MultiHeadAttention")
+
+
+def graph_op_counts(path: str | os.PathLike) -> Counter:
+    """Count op types in an ONNX file as written (before ORT's graph optimisation).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    import onnx
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def kernel_counts(path: str | os.PathLike, threads: int = DEFAULT_THREADS) -> dict:
+    """Which kernels ORT's CPU provider really runs: op types of the ORT-optimised graph.
+
+    ORT fuses QuantizeLinear -> op -> DequantizeLinear patterns of a QDQ model into integer
+    kernels (``QLinearConv`` ...) only where such a kernel exists; the rest runs in float
+    with the Q/DQ pairs left as extra work. The optimised graph is obtained with
+    ``SessionOptions.optimized_model_filepath`` (ORT_ENABLE_ALL).
+
+    Returns:
+        dict with ``ops`` (Counter of op types), ``int8_nodes`` (nodes in
+        :data:`INT8_KERNELS`), ``float_nodes`` (float multiply-accumulate nodes,
+        :data:`FLOAT_COMPUTE`), ``qdq_nodes`` (remaining QuantizeLinear/DequantizeLinear/
+        DynamicQuantizeLinear) and ``total_nodes``.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    import onnx
+    with tempfile.TemporaryDirectory(prefix="ort_opt_") as tmpd:
+        opt = Path(tmpd) / "optimized.onnx"
+        ort_session(path, threads=threads, optimized_model_path=opt)
+        ops = Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
+    return {"ops": ops, "int8_nodes": sum(ops[k] for k in INT8_KERNELS),
+            "float_nodes": sum(ops[k] for k in FLOAT_COMPUTE),
+            "qdq_nodes": ops["QuantizeLinear"] + ops["DequantizeLinear"] + ops["DynamicQuantizeLinear"],
+            "total_nodes": sum(ops.values())}
+
+
+def profile_ops(onnx_path: str | os.PathLike, input_hw, runs: int = 20, warmup: int = 5,
+                threads: int = DEFAULT_THREADS, images=None):
+    """Time every node of an ONNX model with ORT's profiler (``enable_profiling``).
+
+    Runs ``warmup + runs`` batch-1 inferences (on ``images`` cycled, else a fixed random
+    input), parses the profiler's JSON trace and keeps the kernel events of the timed runs.
+
+    Args:
+        onnx_path: ``.onnx`` file.
+        input_hw: int or (H, W) of the input, px.
+        runs: timed runs.
+        warmup: untimed runs first.
+        threads: ORT intra-op threads.
+        images: optional float32 ``(N, 3, H, W)`` to run on.
+
+    Returns:
+        pandas DataFrame, one row per node of the optimised graph: ``node``, ``op_type``,
+        ``provider``, ``ms_per_run`` (mean kernel time per inference, ms), ``share``
+        (fraction of the summed kernel time), sorted by time. Aggregate per op type with
+        :func:`op_time_by_type`.
+
+    Raises:
+        FileNotFoundError: no such model.
+        ValueError: ``runs < 1`` or a bad ``input_hw``.
+    """
+    import pandas as pd
+
+    if runs < 1:
+        raise ValueError(f"profile_ops: runs must be >= 1; got {runs}")
+    h, w = _hw(input_hw)
+    with tempfile.TemporaryDirectory(prefix="ort_prof_") as tmpd:
+        sess = ort_session(onnx_path, threads=threads, enable_profiling=True,
+                           profile_prefix=str(Path(tmpd) / "prof"))
+        name = sess.get_inputs()[0].name
+        arr = _check_images(images) if images is not None else \
+            np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
+        for i in range(warmup + runs):
+            sess.run(None, {name: arr[i % len(arr)][None]})
+        trace = json.loads(Path(sess.end_profiling()).read_text())
+    run_events = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                        key=lambda e: e["ts"])
+    timed = run_events[warmup:]
+    if not timed:
+        raise RuntimeError(f"ORT profiler recorded no runs for {onnx_path}")
+    t0 = timed[0]["ts"]
+    rows: dict[str, dict] = {}
+    for e in trace:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time") or e["ts"] < t0:
+            continue
+        node = e["name"][: -len("_kernel_time")]
+        args = e.get("args", {})
+        r = rows.setdefault(node, {"node": node, "op_type": args.get("op_name", "?"),
+                                   "provider": args.get("provider", "?"), "us": 0.0})
+        r["us"] += float(e["dur"])
+    df = pd.DataFrame(list(rows.values()))
+    if df.empty:
+        return pd.DataFrame(columns=["node", "op_type", "provider", "ms_per_run", "share"])
+    df["ms_per_run"] = df.pop("us") / 1e3 / len(timed)
+    df["share"] = df["ms_per_run"] / df["ms_per_run"].sum()
+    return df.sort_values("ms_per_run", ascending=False).reset_index(drop=True)
+
+
+def op_time_by_type(node_df):
+    """Aggregate :func:`profile_ops` rows per op type: ``op_type, nodes, ms_per_run, share``."""
+    g = node_df.groupby("op_type").agg(nodes=("node", "count"), ms_per_run=("ms_per_run", "sum"))
+    g["share"] = g["ms_per_run"] / g["ms_per_run"].sum()
+    return g.sort_values("ms_per_run", ascending=False).reset_index()
+
+
+def latency_ms(onnx_path: str | os.PathLike, input_hw, runs: int = 30, warmup: int = 5,
+               threads: int = DEFAULT_THREADS) -> float:
+    """Median batch-1 latency of an ONNX model on ORT's CPU provider, ms.
+
+    A light timer for ranking quantization variants inside :func:`node_sensitivity`; the
+    reported numbers of the study come from :mod:`study.bench` (p50/p99, FPS, peak RSS).
+    """
+    h, w = _hw(input_hw)
+    sess = ort_session(onnx_path, threads=threads)
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    ts = []
+    for _ in range(max(1, runs)):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        ts.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(ts))
+
+
+def paired_latency_ms(ref_path: str | os.PathLike, path: str | os.PathLike, input_hw, runs: int = 20,
+                      warmup: int = 3, threads: int = DEFAULT_THREADS) -> tuple[float, float]:
+    """Median batch-1 latencies (ms) of two ONNX models timed alternately, run by run.
+
+    On a shared machine the load drifts; alternating the two sessions exposes both to the
+    same drift, so their difference (used to rank quantization variants) is robust even
+    when absolute timings move. Returns ``(ref_ms, ms)``.
+    """
+    h, w = _hw(input_hw)
+    sa, sb = ort_session(ref_path, threads=threads), ort_session(path, threads=threads)
+    x = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
+    na, nb = sa.get_inputs()[0].name, sb.get_inputs()[0].name
+    for _ in range(warmup):
+        sa.run(None, {na: x}), sb.run(None, {nb: x})
+    ta, tb = [], []
+    for _ in range(max(1, runs)):
+        t = time.perf_counter(); sa.run(None, {na: x}); ta.append(time.perf_counter() - t)
+        t = time.perf_counter(); sb.run(None, {nb: x}); tb.append(time.perf_counter() - t)
+    return float(np.median(ta) * 1e3), float(np.median(tb) * 1e3)
+
+
+def quantizable_nodes(fp32_path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(node_name, op_type)`` of the pre-processed graph's nodes ORT's QDQ quantizer handles."""
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    kinds = set(QDQRegistry) | set(QLinearOpsRegistry)
+    g = onnx.load(str(preprocess_onnx(fp32_path)), load_external_data=False).graph
+    return [(n.name, n.op_type) for n in g.node if n.op_type in kinds and n.name]
+
+
+def _scope(name: str, depth: int) -> str:
+    parts = [p for p in name.split("/") if p]
+    return "/" + "/".join(parts[:depth]) if len(parts) > depth else "/" + "/".join(parts[:-1] or parts)
+
+
+def node_groups(fp32_path: str | os.PathLike, by: str = "op_type", depth: int = 3,
+                min_nodes: int = 1) -> dict[str, list[str]]:
+    """Group the quantizable nodes of a model, for sensitivity analysis.
+
+    Args:
+        by: ``"op_type"`` (all Conv, all Mul, ...), ``"scope"`` (the exporter's module path
+            cut at ``depth`` levels, e.g. ``/model/backbone/stages.3``) or ``"node"``.
+        depth: scope depth for ``by="scope"``.
+        min_nodes: drop groups with fewer nodes.
+
+    Returns:
+        group name -> node names (pre-processed graph).
+
+    Raises:
+        ValueError: unknown ``by``.
+    """
+    if by not in ("op_type", "scope", "node"):
+        raise ValueError(f"node_groups: by must be 'op_type', 'scope' or 'node'; got {by!r}")
+    groups: dict[str, list[str]] = {}
+    for name, op in quantizable_nodes(fp32_path):
+        key = op if by == "op_type" else (_scope(name, depth) if by == "scope" else name)
+        groups.setdefault(key, []).append(name)
+    return {k: v for k, v in groups.items() if len(v) >= min_nodes}
+
+
+def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    noise = float(np.mean((ref - got) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(float(np.mean(ref ** 2)) / noise))
+
+
+def _miou(logits: np.ndarray, masks) -> float | None:
+    if masks is None:
+        return None
+    from .metrics import segmentation_scores
+    pred = logits.argmax(1)
+    if pred.shape[-2:] != np.asarray(masks).shape[-2:]:
+        raise ValueError(f"val_masks shape {np.asarray(masks).shape} does not match predictions {pred.shape}")
+    return float(segmentation_scores(pred, np.asarray(masks))["miou"])
+
+
+def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val_masks=None,
+                     work_dir: str | os.PathLike | None = None, groups: dict[str, list[str]] | str = "op_type",
+                     mode: str = "exclude", method: str = "minmax", per_channel: bool = True,
+                     quant_format="qdq", timing_runs: int = 20, input_hw=None,
+                     threads: int = DEFAULT_THREADS, **quant_kwargs):
+    """Measure what quantizing each node group costs in accuracy and buys in speed.
+
+    One calibration table is computed on ``calib_images`` and shared by every variant.
+    With ``mode="exclude"`` each variant is the whole-model INT8 model with one group left in
+    float32 (what does excluding it *gain*?); with ``mode="only"`` each variant quantizes just
+    that group (what does quantizing it *cost*?). Each variant is scored against the fp32
+    model on ``val_images``: SQNR of the logits (dB), arg-max agreement, mIoU (with
+    ``val_masks``), and batch-1 median latency (``timing_runs`` > 0).
+
+    Args:
+        fp32_path: float32 ``.onnx``.
+        calib_images: float32 ``(N, 3, H, W)`` calibration images.
+        val_images: float32 ``(M, 3, H, W)`` evaluation images.
+        val_masks: optional int ``(M, H, W)`` labels (255 ignored) for mIoU.
+        work_dir: folder of the variant models (default: a temp folder, deleted).
+        groups: ``{name: [node names]}`` or a :func:`node_groups` ``by`` value.
+        mode: ``"exclude"`` or ``"only"``.
+        method, per_channel, quant_format, **quant_kwargs: passed to :func:`quantize_int8`.
+        timing_runs: timed runs per variant (0: no timing).
+        input_hw: input size for timing (default: the images' H, W).
+        threads: ORT intra-op threads.
+
+    Returns:
+        pandas DataFrame with one row per variant: ``group``, ``mode``, ``n_nodes``,
+        ``nodes`` (list), ``latency_ms``, ``ref_latency_ms`` (the reference model timed
+        alternately with this variant), ``sqnr_db``, ``argmax_agreement``, ``miou``, and
+        deltas ``d_latency_ms``, ``d_argmax``, ``d_miou`` relative to the reference row
+        (``int8_all`` for ``exclude``, ``fp32`` for ``only``). Reference rows ``fp32`` and
+        ``int8_all`` come first.
+
+    Raises:
+        ValueError: bad ``mode`` / ``groups``, or images of the wrong shape.
+    """
+    import pandas as pd
+
+    if mode not in ("exclude", "only"):
+        raise ValueError(f"node_sensitivity: mode must be 'exclude' or 'only'; got {mode!r}")
+    val = _check_images(val_images, "val_images")
+    hw = input_hw or val.shape[-2:]
+    if isinstance(groups, str):
+        groups = node_groups(fp32_path, by=groups)
+    if not groups:
+        raise ValueError(f"node_sensitivity: no quantizable node groups in {fp32_path}")
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="quant_sens_")
+        work_dir = tmp.name
+    wd = Path(work_dir)
+    wd.mkdir(parents=True, exist_ok=True)
+    try:
+        table = calibration_table(fp32_path, calib_images, wd / f"calib_{method}.json", method=method,
+                                  activation_symmetric=quant_kwargs.get("activation_symmetric", False))
+        ref = ort_predict(fp32_path, val, threads)
+        all_nodes = [n for n, _ in quantizable_nodes(fp32_path)]
+
+        def score(name, path, nodes, m, ref_path=None):
+            out = ort_predict(path, val, threads)
+            lat, ref_lat = float("nan"), float("nan")
+            if timing_runs:
+                if ref_path is None:
+                    lat = latency_ms(path, hw, timing_runs, threads=threads)
+                else:  # timed alternately with the reference model (robust to load drift)
+                    ref_lat, lat = paired_latency_ms(ref_path, path, hw, timing_runs, threads=threads)
+            return {"group": name, "mode": m, "n_nodes": len(nodes), "nodes": list(nodes),
+                    "latency_ms": lat, "ref_latency_ms": ref_lat,
+                    "sqnr_db": _sqnr_db(ref, out), "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
+                    "miou": _miou(out, val_masks)}
+
+        full = quantize_int8(fp32_path, wd / "int8_all.onnx", None, method=method, per_channel=per_channel,
+                             quant_format=quant_format, calibration_cache=table, **quant_kwargs)
+        rows = [score("fp32", fp32_path, [], "reference", ref_path=full)]
+        rows.append(score("int8_all", full, all_nodes, "reference"))
+        rows[1]["latency_ms"] = rows[0]["ref_latency_ms"]
+        ref_model = full if mode == "exclude" else fp32_path
+        for i, (name, nodes) in enumerate(groups.items()):
+            kw = dict(nodes_to_exclude=nodes) if mode == "exclude" else dict(nodes_to_quantize=nodes)
+            p = quantize_int8(fp32_path, wd / f"variant_{i:03d}.onnx", None, method=method, per_channel=per_channel,
+                              quant_format=quant_format, calibration_cache=table, **kw, **quant_kwargs)
+            rows.append(score(name, p, nodes, mode, ref_path=ref_model))
+            if tmp is not None:
+                p.unlink()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    df = pd.DataFrame(rows)
+    base = df.iloc[1] if mode == "exclude" else df.iloc[0]
+    # paired difference: each variant against the reference timed alternately with it
+    paired_ref = df["ref_latency_ms"].where(df["mode"] != "reference", base["latency_ms"])
+    df["d_latency_ms"] = df["latency_ms"] - paired_ref
+    df.loc[df.index[:2], "d_latency_ms"] = df.loc[df.index[:2], "latency_ms"] - base["latency_ms"]
+    df["d_argmax"] = df["argmax_agreement"] - base["argmax_agreement"]
+    df["d_miou"] = (df["miou"] - base["miou"]) if val_masks is not None else float("nan")
+    return df
+
+
+def select_nodes_to_exclude(sens, speed_tol: float = 0.03, min_argmax_gain: float = 0.005,
+                            max_slowdown: float = 0.05) -> tuple[list[str], "object"]:
+    """Pick the node groups to keep in float32 from a :func:`node_sensitivity` (``exclude``) table.
+
+    A group is excluded when the measurement says so, never by name:
+
+    - *speed*: keeping it in float made the model faster than the whole-INT8 model by more
+      than ``speed_tol`` (a fraction of the INT8 latency) - its INT8 version (plus the
+      Quantize/Dequantize work around it) is slower on this runtime;
+    - *accuracy*: keeping it in float raised the arg-max agreement with fp32 by at least
+      ``min_argmax_gain`` (or raised mIoU by as much, when measured) while costing at most
+      ``max_slowdown`` (fraction) in latency.
+
+    Args:
+        sens: DataFrame returned by :func:`node_sensitivity` with ``mode="exclude"``.
+
+    Returns:
+        ``(node_names, decisions)``: the union of excluded nodes, and a DataFrame
+        ``group, n_nodes, d_latency_ms, d_argmax, d_miou, excluded, reason`` for the notebook.
+
+    Raises:
+        ValueError: the table is not an ``exclude`` sensitivity table.
+    """
+    import pandas as pd
+
+    if "int8_all" not in set(sens["group"]) or not (sens["mode"] == "exclude").any():
+        raise ValueError("select_nodes_to_exclude needs a node_sensitivity(..., mode='exclude') table")
+    base = sens.loc[sens["group"] == "int8_all"].iloc[0]
+    lat0 = base["latency_ms"]
+    nodes: list[str] = []
+    rows = []
+    for _, r in sens[sens["mode"] == "exclude"].iterrows():
+        if "ref_latency_ms" in r and np.isfinite(r["ref_latency_ms"]):
+            lat0 = r["ref_latency_ms"]
+        timed = np.isfinite(lat0) and np.isfinite(r["latency_ms"])
+        faster = timed and r["d_latency_ms"] < -speed_tol * lat0
+        cheap = (not timed) or r["d_latency_ms"] <= max_slowdown * lat0
+        gain = r["d_argmax"]
+        if pd.notna(r.get("d_miou")) and np.isfinite(r.get("d_miou")):
+            gain = max(gain, r["d_miou"])
+        accurate = gain >= min_argmax_gain and cheap
+        reason = ("faster in float" if faster else "") + ("; " if faster and accurate else "") + \
+                 ("more accurate in float" if accurate else "")
+        if faster or accurate:
+            nodes.extend(r["nodes"])
+        rows.append({"group": r["group"], "n_nodes": r["n_nodes"], "d_latency_ms": r["d_latency_ms"],
+                     "d_argmax": r["d_argmax"], "d_miou": r.get("d_miou"), "excluded": bool(faster or accurate),
+                     "reason": reason or "kept INT8"})
+    return sorted(set(nodes)), pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------
+# Stale vs fresh calibration (source 001's warning)
+# --------------------------------------------------------------------------------------
+
+def stale_calibration_table(dense_table: str | os.PathLike, fresh_table: str | os.PathLike,
+                            out_path: str | os.PathLike) -> tuple[Path, dict]:
+    """Emulate reusing a dense model's calibration cache on its pruned model.
+
+    TensorRT calibration caches (and ORT's JSON tables) are keyed by tensor name. After
+    structured pruning the exporter gives the pruned model's tensors the same names where
+    the module path is unchanged, so a cache computed on the dense model *loads*, but its
+    ranges describe the dense model's activations. This writes the pruned model's table
+    with every tensor present in the dense table replaced by the dense range (stale); tensors
+    the dense table lacks keep their fresh range (reported as ``unmatched``).
+
+    Args:
+        dense_table: JSON from :func:`calibration_table` on the dense model.
+        fresh_table: JSON from :func:`calibration_table` on the pruned model (same method).
+        out_path: JSON to write (atomically).
+
+    Returns:
+        ``(path, stats)`` with ``stats = dict(tensors, stale, unmatched, stale_fraction)``.
+
+    Raises:
+        FileNotFoundError: a table does not exist.
+        ValueError: the two tables use different calibration methods.
+    """
+    from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
+
+    dense, fresh = load_tensors_data(dense_table), load_tensors_data(fresh_table)
+    if dense.calibration_method != fresh.calibration_method:
+        raise ValueError(f"{dense_table} uses {dense.calibration_method}, {fresh_table} uses "
+                         f"{fresh.calibration_method}; calibrate both with the same method")
+    merged, stale = {}, 0
+    for name, td in fresh.items():
+        if name in dense:
+            merged[name], stale = dense[name], stale + 1
+        else:
+            merged[name] = td
+    out = Path(out_path)
+    save_tensors_data(TensorsData(fresh.calibration_method, merged), out)
+    n = len(merged)
+    return out, {"tensors": n, "stale": stale, "unmatched": n - stale, "stale_fraction": stale / max(n, 1)}
+
+
+# --------------------------------------------------------------------------------------
+# TensorRT (GPU / Jetson)
+# --------------------------------------------------------------------------------------
+
+def trt_available() -> tuple[bool, str]:
+    """``(True, "")`` when ``tensorrt`` imports and a CUDA device is present, else ``(False, why)``."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, ("tensorrt is not installed: TensorRT engines are built on a CUDA machine "
+                       "(a Jetson ships it with JetPack; on x86 `pip install tensorrt`)")
+    if not torch.cuda.is_available():
+        return False, "no CUDA device: TensorRT builds engines only for an NVIDIA GPU"
+    return True, ""
+
+
+def build_trt_engine(onnx_path: str | os.PathLike, precision: str = "fp16", calib_images=None,
+                     out_path: str | os.PathLike | None = None, workspace_mb: int = 1024,
+                     calib_cache: str | os.PathLike | None = None) -> Path:
+    """Build a serialized TensorRT engine (fp32 / fp16 / INT8) from an ONNX model.
+
+    INT8 uses an ``IInt8EntropyCalibrator2`` over ``calib_images`` (the same images as the
+    ORT calibration), feeding batch-1 device buffers allocated with torch; the calibration
+    cache is written to ``calib_cache`` (TensorRT keys it by tensor name - the cache source
+    001 found useless after pruning). The engine file is written atomically.
+
+    Args:
+        onnx_path: fp32 ``.onnx`` (fixed batch 1).
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (INT8 also enables fp16 fallback).
+        calib_images: float32 ``(N, 3, H, W)``; required for ``int8``.
+        out_path: engine file (default ``<onnx stem>.<precision>.engine``).
+        workspace_mb: builder workspace limit, MB.
+        calib_cache: calibration cache file (default beside the engine).
+
+    Returns:
+        ``Path`` of the engine.
+
+    Raises:
+        QuantUnavailable: ``tensorrt`` is not installed or no CUDA device is present.
+        ValueError: bad ``precision`` or ``int8`` without ``calib_images``.
+        RuntimeError: the ONNX parser or the builder failed (parser errors included).
+    """
+    ok, why = trt_available()
+    if not ok:
+        raise QuantUnavailable(why)
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"build_trt_engine: precision must be fp32, fp16 or int8; got {precision!r}")
+    if precision == "int8" and calib_images is None:
+        raise ValueError("build_trt_engine: precision='int8' needs calib_images")
+    import tensorrt as trt
+
+    onnx_path = Path(onnx_path)
+    out = Path(out_path) if out_path else onnx_path.with_name(f"{onnx_path.stem}.{precision}.engine")
+    cache_path = Path(calib_cache) if calib_cache else out.with_suffix(".calib")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt, "NetworkDefinitionCreationFlag") and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
+    config = builder.create_builder_config()
+    if hasattr(config, "set_memory_pool_limit"):
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    else:  # TensorRT 8.2 (Jetson Nano, JetPack 4.6)
+        config.max_workspace_size = workspace_mb << 20
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        imgs = _check_images(calib_images, "calib_images")
+
+        class _Calibrator(trt.IInt8EntropyCalibrator2):
+            def __init__(self):
+                super().__init__()
+                self.i = 0
+                self.buf = torch.empty((1,) + imgs.shape[1:], dtype=torch.float32, device="cuda")
+
+            def get_batch_size(self):
+                return 1
+
+            def get_batch(self, names):
+                if self.i >= len(imgs):
+                    return None
+                self.buf.copy_(torch.from_numpy(imgs[self.i:self.i + 1]))
+                self.i += 1
+                return [int(self.buf.data_ptr())]
+
+            def read_calibration_cache(self):
+                return cache_path.read_bytes() if cache_path.is_file() else None
+
+            def write_calibration_cache(self, cache):
+                atomic_write_bytes(cache_path, bytes(cache))
+
+        calibrator = _Calibrator()
+        config.int8_calibrator = calibrator
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build a {precision} engine from {onnx_path}")
+    atomic_write_bytes(out, bytes(serialized))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Study helpers used by notebooks/05_quantization.ipynb and benchmarks/bench_int8.py
+# --------------------------------------------------------------------------------------
+
+def split_arrays(ctx, split: str, limit: int | None = None, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images and masks of a split as model inputs, at the profile's ``image_size``.
+
+    Returns:
+        ``(images float32 (N, 3, S, S) ImageNet-normalised, masks int64 (N, S, S))``.
+
+    Raises:
+        study.data.DataError: a malformed data root (from the loader).
+    """
+    from .data import IMAGENET_MEAN, IMAGENET_STD, load_split_arrays
+
+    size = ctx.profile.image_size
+    imgs, masks = load_split_arrays(ctx.data_root, split, size, None if limit is None else limit + offset)
+    imgs, masks = imgs[offset:], masks[offset:]
+    x = imgs.astype(np.float32) / 255.0
+    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), masks.astype(np.int64)
+
+
+def scores_from_logits(logits: np.ndarray, masks: np.ndarray) -> dict:
+    """:func:`study.metrics.segmentation_scores` of arg-max predictions (N, C, H, W) vs masks (N, H, W)."""
+    from .metrics import segmentation_scores
+    return segmentation_scores(np.asarray(logits).argmax(1), np.asarray(masks))
+
+
+def onnx_scores(path: str | os.PathLike, images, masks, threads: int = DEFAULT_THREADS) -> dict:
+    """mIoU / mDice / per-class IoU of an ONNX model on images (float32 N,3,H,W) and masks (int N,H,W)."""
+    return scores_from_logits(ort_predict(path, images, threads), masks)

@@ -1,0 +1,221 @@
+"""Iterative pruning: schedules, equal fine-tune budgets, exact final widths, caching."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention
+
+import study.train as strain
+from study.cache import ArtifactCache
+from study.context import Context
+from study.iterative import (IterativeConfig, channel_widths, finetune_split, iterative_prune,
+                             prune_iteratively, sparsity_schedule, study_grid)
+from study.profiles import PROFILES, get_profile
+from study.prune import prune_structured
+
+KINDS = ("oneshot", "linear", "cubic")
+
+
+class TinySeg(nn.Module):
+    """Conv stem + residual stage + timm Attention (4 heads) + concat decoder + classifier.
+
+    Odd widths (22, 37, 29) make flooring differences visible. (N,3,H,W) -> (N,14,H,W).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 22, 3, 2, 1), nn.BatchNorm2d(22), nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(22, 37, 3, 2, 1), nn.BatchNorm2d(37), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(37, 37, 3, 1, 1), nn.BatchNorm2d(37))
+        self.proj_in = nn.Conv2d(37, 48, 1)
+        self.attn = Attention(48, num_heads=4)
+        self.head = nn.Sequential(nn.Conv2d(48 + 22, 29, 3, 1, 1), nn.ReLU())
+        self.classifier = nn.Conv2d(29, 14, 1)
+
+    def forward(self, x):
+        f0 = self.stem(x)
+        f = self.b1(f0)
+        f = torch.relu(f + self.b2(f))
+        f = self.proj_in(f)
+        b, c, h, w = f.shape
+        t = f.flatten(2).transpose(1, 2)
+        t = t + self.attn(t)
+        f = t.transpose(1, 2).reshape(b, c, h, w)
+        f = F.interpolate(f, size=f0.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.classifier(self.head(torch.cat([f, f0], 1)))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return TinySeg().eval()
+
+
+# --------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("sf", [0.0, 0.2, 0.45, 0.6, 0.8, 0.9999])
+def test_schedule_ends_exactly_at_final_and_is_monotone(kind, k, sf):
+    s = sparsity_schedule(sf, k, kind)
+    assert len(s) == k
+    assert s[-1] == sf  # exact, not approx
+    assert all(b >= a for a, b in zip(s, s[1:]))
+    assert all(0.0 <= v <= sf for v in s)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_cubic_front_loads_pruning(k):
+    sf = 0.45
+    cub, lin = sparsity_schedule(sf, k, "cubic"), sparsity_schedule(sf, k, "linear")
+    assert all(c > l for c, l in zip(cub[:-1], lin[:-1]))  # ahead of linear before the end
+    inc = [b - a for a, b in zip([0.0] + cub, cub)]
+    assert all(b < a for a, b in zip(inc, inc[1:]))  # strictly shrinking increments
+    assert cub[0] == pytest.approx(sf * (1 - (1 - 1 / k) ** 3))  # Zhu & Gupta 2017 with s_i = 0
+    assert sparsity_schedule(sf, k, "oneshot") == [sf] * k
+
+
+@pytest.mark.parametrize("total", [0, 1, 7, 150, 151])
+def test_total_finetune_budget_identical_across_schedules(total):
+    sums = {}
+    for kind in KINDS:
+        for k in (1, 2, 4, 8):
+            cfg = IterativeConfig(final_sparsity=0.45, steps=k, schedule=kind, total_finetune_steps=total)
+            split = cfg.finetune_steps()
+            assert len(split) == k and all(n >= 0 for n in split)
+            assert split[:-1] == [total // k] * (k - 1)  # remainder goes to the last step
+            sums[(kind, k)] = sum(split)
+    assert set(sums.values()) == {total}
+
+
+@pytest.mark.parametrize("args, name", [
+    ((1.0, 2), "final_sparsity"), ((-0.1, 2), "final_sparsity"), ((float("nan"), 2), "final_sparsity"),
+    (("half", 2), "final_sparsity"), ((0.5, 0), "steps"), ((0.5, -2), "steps"), ((0.5, 2.5), "steps"),
+    ((0.5, True), "steps"), ((0.5, "4"), "steps"),
+])
+def test_bad_sparsity_or_k_raises_naming_parameter(args, name):
+    with pytest.raises(ValueError, match=name):
+        sparsity_schedule(*args, "linear")
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"steps": 0}, "steps"), ({"final_sparsity": 1.2}, "final_sparsity"), ({"schedule": "exp"}, "schedule"),
+    ({"importance": "l2"}, "importance"), ({"total_finetune_steps": -1}, "total_finetune_steps"),
+    ({"kd": "yes"}, "kd"), ({"calib_batches": 0}, "calib_batches"),
+])
+def test_config_validation_names_the_field(kw, name):
+    with pytest.raises(ValueError, match=name):
+        IterativeConfig(**kw)
+    with pytest.raises(ValueError, match="kind"):
+        sparsity_schedule(0.5, 2, "exponential")
+    with pytest.raises(ValueError, match="total_finetune_steps"):
+        finetune_split(-3, 2)
+
+
+# --------------------------------------------------------------------------- exact widths
+def test_naive_ratio_composition_would_drift():
+    """Why per-step ratios relative to the current widths are not used: flooring drifts."""
+    c0, sf = 64, 0.45
+    s1 = sparsity_schedule(sf, 2, "linear")[0]
+    after1 = int(c0 * (1 - s1))  # 49
+    naive = int(after1 * ((1 - sf) / (1 - s1)))  # 34
+    assert naive != int(c0 * (1 - sf)) == 35
+
+
+@pytest.mark.parametrize("sf, ks", [(0.45, (2, 4, 8)), (0.8, (3,))])
+def test_iterative_reaches_oneshot_widths(sf, ks):
+    base = _tiny()
+    x = torch.randn(1, 3, 32, 32)
+    one = prune_structured(copy.deepcopy(base), x, sf)
+    want = channel_widths(one)
+    assert want["stem.0.weight"][0] == int(22 * (1 - sf))  # int(C0 * (1 - s_f)) per group
+    assert one.attn.head_dim == int(12 * (1 - sf))
+    for kind in ("linear", "cubic"):
+        for k in ks:
+            seen = []
+            it = prune_iteratively(copy.deepcopy(base), x, sparsity_schedule(sf, k, kind),
+                                   between=lambda t, m: seen.append(m.stem[0].out_channels))
+            assert channel_widths(it) == want, (kind, k)
+            assert it.attn.head_dim == one.attn.head_dim and it.attn.num_heads == 4
+            assert seen == [int(22 * (1 - s)) for s in sparsity_schedule(sf, k, kind)]  # relative to ORIGINAL
+            assert it(x).shape == (1, 14, 32, 32)
+
+
+def test_taylor_reestimates_on_current_model_each_step():
+    base = _tiny()
+    x = torch.randn(1, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 14, (2, 32, 32), generator=g))]
+    calls = []
+
+    def calib(t):
+        calls.append(t)
+        return batches
+
+    sched = sparsity_schedule(0.45, 4, "cubic")
+    it = prune_iteratively(copy.deepcopy(base), x, sched, "taylor", calib_batches=calib)
+    assert calls == [0, 1, 2, 3]
+    assert channel_widths(it) == channel_widths(prune_structured(copy.deepcopy(base), x, 0.45))
+    with pytest.raises(ValueError, match="calib_batches"):
+        prune_iteratively(copy.deepcopy(base), x, sched, "taylor")
+    with pytest.raises(ValueError, match="sparsities"):
+        prune_iteratively(copy.deepcopy(base), x, [0.4, 0.2])
+
+
+# --------------------------------------------------------------------------- end to end
+def _toy_loaders(n=4, bs=2, hw=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(n):
+        xb = torch.randn(bs, 3, hw, hw, generator=g)
+        data.append((xb, (xb[:, 0] > 0).long() * 3))
+    return data, data[:2]
+
+
+@pytest.fixture
+def ctx(tmp_path, monkeypatch):
+    monkeypatch.setattr(strain, "loaders", lambda ctx, batch_size=None, seed=None: _toy_loaders())
+    prof = get_profile("smoke").replace(crop_size=32, image_size=32, batch_size=2, calib_images=2)
+    return Context(profile=prof, seed=0, out_dir=tmp_path / "smoke", cache=ArtifactCache(tmp_path / "cache"),
+                   data_root=tmp_path, data_fp="toy")
+
+
+def test_iterative_prune_trajectory_budget_and_cache(ctx, monkeypatch):
+    base = _tiny()
+    p0 = sum(p.numel() for p in base.parameters())
+    cfg = IterativeConfig(final_sparsity=0.45, steps=2, schedule="cubic", total_finetune_steps=3)
+    model, traj = iterative_prune(base, ctx, cfg)
+    assert [r["step"] for r in traj] == [0, 1, 2]
+    assert [r["finetune_steps"] for r in traj] == [0, 1, 2]
+    assert [r["sparsity"] for r in traj[1:]] == cfg.sparsities()
+    assert traj[-1]["params_m"] < traj[1]["params_m"] < traj[0]["params_m"] == pytest.approx(p0 / 1e6)
+    assert sum(p.numel() for p in base.parameters()) == p0  # the input model is untouched
+    assert channel_widths(model) == channel_widths(prune_structured(copy.deepcopy(base), (32, 32), 0.45))
+    # second call: answered from the cache (training would raise), same weights rebuilt
+    monkeypatch.setattr(strain, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again, traj2 = iterative_prune(base, ctx, cfg)
+    assert traj2 == traj
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(again(x), model(x))
+
+
+def test_iterative_prune_taylor_and_kd(ctx):
+    base, teacher = _tiny(0), _tiny(1)
+    for cfg in (IterativeConfig(0.45, 2, "linear", "taylor", total_finetune_steps=2, calib_batches=1),
+                IterativeConfig(0.45, 1, "oneshot", "magnitude", kd=True, total_finetune_steps=2)):
+        _, traj = iterative_prune(base, ctx, cfg, teacher=teacher)
+        assert sum(r["finetune_steps"] for r in traj) == 2
+        assert traj[-1]["sparsity"] == 0.45
+    with pytest.raises(ValueError, match="teacher"):
+        iterative_prune(base, ctx, IterativeConfig(0.45, 1, kd=True))
+
+
+def test_study_grid_sizes_from_profile():
+    for name in ("smoke", "cpu", "paper"):
+        p = PROFILES[name]
+        g = study_grid(p)
+        assert g["total_finetune_steps"] == p.finetune_steps
+        assert g["main_sparsity"] in p.sparsities and g["main_sparsity"] not in g["extra_sparsities"]
+        assert set(g["extra_sparsities"]) <= set(p.sparsities)
+    assert study_grid(get_profile("cpu"))["ks"] == (2, 4)
