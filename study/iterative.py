@@ -441,11 +441,12 @@ def is_cached(model: nn.Module, ctx, cfg: IterativeConfig, teacher: nn.Module | 
 
 
 def iterative_prune(model: nn.Module, ctx, cfg: IterativeConfig, teacher: nn.Module | None = None,
-                    kd_config: dict | None = None, progress: bool = False) -> tuple[nn.Module, list[dict]]:
+                    kd_config: dict | None = None, progress: bool = False,
+                    rebuild: bool = True) -> tuple[nn.Module | None, list[dict]]:
     """Prune ``model`` to ``cfg.final_sparsity`` in ``cfg.steps`` steps with fine-tuning between.
 
     At step t: re-estimate channel importance on the current model (Taylor: on
-    ``cfg.calib_batches`` training batches), prune to the schedule's cumulative sparsity
+    ``cfg.calib_batches`` training batches from a separately seeded stream), prune to the schedule's cumulative sparsity
     (relative to the original widths; final widths equal one-shot's, see
     :func:`prune_iteratively`), measure params / MACs on the smaller model, evaluate,
     fine-tune ``cfg.finetune_steps()[t]`` steps (KD from ``teacher`` when ``cfg.kd``),
@@ -463,6 +464,8 @@ def iterative_prune(model: nn.Module, ctx, cfg: IterativeConfig, teacher: nn.Mod
         teacher: teacher segmenter, required when ``cfg.kd``.
         kd_config: KD settings (see :func:`make_finetune_loss`).
         progress: show tqdm bars while fine-tuning.
+        rebuild: on a cache hit, rebuild the pruned model (one graph trace per step); with
+            False the model is returned as None when it was not computed in this call.
 
     Returns:
         ``(pruned model in eval mode on ctx.device, trajectory)``; ``trajectory`` is a list
@@ -470,7 +473,8 @@ def iterative_prune(model: nn.Module, ctx, cfg: IterativeConfig, teacher: nn.Mod
         (cumulative channel sparsity), ``params_m`` (M params), ``gmacs`` (GMACs per image
         at ``crop_size``), ``miou_before_ft``, ``miou_after_ft``, ``mdice_before_ft``,
         ``mdice_after_ft``, ``finetune_steps``, ``finetune_seconds``, ``prune_seconds``,
-        ``eval_seconds`` (s, wall clock).
+        ``eval_seconds`` (s, wall clock); step 0 also holds ``wall_seconds``, the whole
+        configuration's wall time (s, incl. graph tracing and MAC counting).
 
     Raises:
         ValueError: ``cfg`` not an IterativeConfig, or ``cfg.kd`` without ``teacher``.
@@ -493,6 +497,7 @@ def iterative_prune(model: nn.Module, ctx, cfg: IterativeConfig, teacher: nn.Mod
     def compute():
         import torch_pruning as tp
 
+        wall0 = time.perf_counter()
         seed_everything(ctx.seed)
         m = copy.deepcopy(start)
         tr, va = strain.loaders(ctx)
@@ -536,15 +541,26 @@ def iterative_prune(model: nn.Module, ctx, cfg: IterativeConfig, teacher: nn.Mod
                          "finetune_steps": ft_steps[t], "finetune_seconds": secs,
                          "prune_seconds": prune_s, "eval_seconds": eb + ea, "loss_end": loss_end})
 
-        calib = (lambda t: stream.take(n_calib)) if cfg.importance == "taylor" else None
+        calib = None
+        if cfg.importance == "taylor":  # own stream: the fine-tune batches stay identical across configs
+            calib_stream = _ContinuingStream(strain.loaders(ctx, seed=ctx.seed + 1)[0])
+            calib = lambda t: calib_stream.take(n_calib)  # noqa: E731
         prune_iteratively(m, hw, sched, cfg.importance, between=between, before=before, calib_batches=calib)
         m.eval()
+        traj[0]["wall_seconds"] = time.perf_counter() - wall0
+        computed["model"] = m
         new_steps = sprune.pruning_record(m)[n_start:]
         return {"trajectory": traj, "payload": sprune.pruned_payload(m, new_steps),
                 "kd": kd_used or {}, "tp_version": str(tp.__version__), "config": cfg.to_dict()}
 
+    computed = {}
     rec = ctx.cache.memo(name, key, compute, seed=ctx.seed, data_fp=ctx.data_fp, code=code)
-    pruned = sprune.rebuild_pruned(lambda: copy.deepcopy(start), rec["payload"]).to(device).eval()
+    pruned = computed.get("model")
+    if pruned is None and not rebuild:
+        return None, [dict(r) for r in rec["trajectory"]]
+    if pruned is None:  # cache hit: replay the stored pruning history on a copy of the start model
+        pruned = sprune.rebuild_pruned(lambda: copy.deepcopy(start), rec["payload"])
+    pruned = pruned.to(device).eval()
     return pruned, [dict(r) for r in rec["trajectory"]]
 
 
@@ -562,7 +578,7 @@ def trajectory_frame(trajectory: list[dict], cfg: IterativeConfig):
 # --------------------------------------------------------------------------- the study grid
 #: Wall-clock budget (s) of a profile's iterative grid; None = run everything.
 #: ``profile.extra["iterative_budget_s"]`` overrides it.
-BUDGET_S = {"cpu": 600.0}
+BUDGET_S = {"smoke": 45.0, "cpu": 600.0}
 #: Cost of a KD fine-tune step relative to a plain one (teacher forward on the same batch;
 #: ~2-3x on 2 CPU cores per study.distill.kd_steps' note) - used only for planning.
 KD_COST_FACTOR = 3.0
@@ -591,12 +607,13 @@ def study_grid(profile) -> dict:
 def estimate_seconds(cfg: IterativeConfig, timing: dict) -> float:
     """Planned wall time of ``cfg`` (s) from a measured configuration's ``timing``.
 
-    ``timing``: ``sec_per_step`` (s per fine-tune step), ``prune_s`` (s per pruning step,
-    incl. graph tracing), ``eval_s`` (s per evaluation), ``complexity_s``.
+    ``timing``: ``sec_per_step`` (s per fine-tune step), ``prune_s`` (s per pruning step),
+    ``eval_s`` (s per evaluation), ``overhead_s`` (s per configuration: graph tracing,
+    MAC counting, copies).
     """
     ft = cfg.total_finetune_steps * timing["sec_per_step"] * (KD_COST_FACTOR if cfg.kd else 1.0)
     evals = 1 + cfg.steps + sum(1 for n in cfg.finetune_steps() if n > 0)
-    return ft + cfg.steps * timing["prune_s"] + evals * timing["eval_s"]
+    return ft + cfg.steps * timing["prune_s"] + evals * timing["eval_s"] + timing.get("overhead_s", 0.0)
 
 
 def timing_of(trajectory: list[dict]) -> dict:
@@ -604,9 +621,12 @@ def timing_of(trajectory: list[dict]) -> dict:
     steps = [r for r in trajectory if r["step"] > 0]
     n_ft = sum(r["finetune_steps"] for r in steps)
     n_eval = 1 + len(steps) + sum(1 for r in steps if r["finetune_steps"] > 0)
+    parts = (sum(r["finetune_seconds"] + r["prune_seconds"] for r in steps)
+             + sum(r.get("eval_seconds", 0.0) for r in trajectory))
     return {"sec_per_step": sum(r["finetune_seconds"] for r in steps) / max(1, n_ft),
             "prune_s": sum(r["prune_seconds"] for r in steps) / max(1, len(steps)),
-            "eval_s": sum(r.get("eval_seconds", 0.0) for r in trajectory) / max(1, n_eval)}
+            "eval_s": sum(r.get("eval_seconds", 0.0) for r in trajectory) / max(1, n_eval),
+            "overhead_s": max(0.0, trajectory[0].get("wall_seconds", parts) - parts)}
 
 
 def result_row(cfg: IterativeConfig, trajectory: list[dict], model_name: str, role: str = "") -> dict:
@@ -673,7 +693,8 @@ def run_study(ctx, model: nn.Module, teacher: nn.Module | None = None, kd_config
     def run(cfg, role):
         t0 = time.perf_counter()
         cached = is_cached(model, ctx, cfg, teacher, kd_config, model_fp=fp)
-        _, traj = iterative_prune(model, ctx, cfg, teacher=teacher if cfg.kd else None, kd_config=kd_config)
+        _, traj = iterative_prune(model, ctx, cfg, teacher=teacher if cfg.kd else None, kd_config=kd_config,
+                                  rebuild=False)
         if not cached:
             spent["s"] += time.perf_counter() - t0
         for r in traj:

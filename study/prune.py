@@ -952,8 +952,11 @@ def pruned_variant(ctx, base: nn.Module, builder: Callable[[], nn.Module], metho
     cfg = {"method": method, "amount": float(amount), "ft_steps": int(ft_steps), "base": base_tag,
            "base_fp": base_fp, "input_hw": list(input_hw), "profile": ctx.profile.to_dict()}
 
+    fresh: dict = {}
+
     def compute():
         m = copy.deepcopy(base).to(ctx.device)
+        fresh["model"] = m
         apply_method(m, method, amount, input_hw, calib_batches)
         before = strain.evaluate(m, val_loader, progress=False)
         import time as _t
@@ -971,7 +974,8 @@ def pruned_variant(ctx, base: nn.Module, builder: Callable[[], nn.Module], metho
 
     rec = ctx.cache.memo(f"pruned-{base_tag}-{method}-{amount}", cfg, compute, seed=ctx.seed,
                          data_fp=ctx.data_fp, code=[__import__(__name__, fromlist=["x"]), strain, smodels])
-    model = rebuild_pruned(builder, rec["payload"]).to(ctx.device).eval()
+    # just computed: use it (saves a second dependency-graph trace); else rebuild from the cache
+    model = fresh["model"].eval() if "model" in fresh else rebuild_pruned(builder, rec["payload"]).to(ctx.device).eval()
     info = {"miou_before_ft": rec["before"]["miou"], "mdice_before_ft": rec["before"]["mdice"],
             "scores": rec["after"], "ft_steps": int(ft_steps), "ft_seconds": float(rec["ft_seconds"])}
     return model, info
