@@ -106,6 +106,9 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
         build = REPO_ROOT / build
     out = build / profile
     out.mkdir(parents=True, exist_ok=True)
+    # Kernels inherit this: text progress bars refresh every 15 s instead of flooding the
+    # executed notebooks (tqdm reads TQDM_* variables as defaults).
+    os.environ.setdefault("TQDM_MININTERVAL", "15")
     params = {"profile": profile, "seed": seed, "data_root": data_root, "build_dir": str(build),
               "fresh": fresh, "bench_host": bench_host}
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
