@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .cache import atomic_write_text
 from . import device_runner as dr
 from .device_runner import SystemSampler, parse_tegrastats_line, summarize_latencies, time_callable
 
@@ -381,29 +382,6 @@ def store_result(result: dict, results_dir: str | os.PathLike = DEFAULT_RESULTS_
         i += 1
     atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename).
-
-    Same contract as :func:`study.cache.atomic_write_text`, repeated here so that
-    ``python -m study.bench remote`` does not import torch (study.cache does) on a laptop.
-    """
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _utc_now() -> str:

@@ -18,24 +18,32 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import torch
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
+def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temp file in ``path``'s folder, fsync it, rename it to ``path``.
+
+    On any exception (KeyboardInterrupt included) the temp file is removed and ``path`` is
+    left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -44,20 +52,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + rename)."""
+    import torch
+
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def code_fingerprint(objs: Iterable[Any]) -> str:
@@ -114,6 +112,8 @@ class ArtifactCache:
         p = self.path(name, key)
         if not p.exists() or (self.fresh and str(p) not in self._refreshed):
             return None
+        import torch
+
         try:
             return torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - reported, then recomputed

@@ -138,6 +138,8 @@ def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: s
     from . import data as sdata
 
     prof = get_profile(profile, data_root=data_root or None)
+    if prof.extra.get("torch_threads"):
+        torch.set_num_threads(int(prof.extra["torch_threads"]))
     seed_everything(seed)
     build = Path(build_dir)
     if not build.is_absolute():
