@@ -161,6 +161,9 @@ document.addEventListener('DOMContentLoaded', function () {
 """
 
 
+_ANCHOR = "SC-SECTION-ANCHOR:"
+
+
 def build_report(out_dir: Path, run_rec: dict) -> Path:
     """Combine the executed notebooks of ``out_dir`` into one self-contained ``report.html``.
 
@@ -189,7 +192,7 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
         f"<table class='sc-prov'>{rows}</table>\n\n## Contents\n<ul>{''.join(toc)}</ul>\n\n"
         "Tables are in `tables/` beside this file (CSV and Markdown); figures in `figures/`."))
     for stem in NOTEBOOKS:
-        cells.append(nbformat.v4.new_markdown_cell(f"<a id='{stem}'></a>\n\n---\n"))
+        cells.append(nbformat.v4.new_markdown_cell(f"{_ANCHOR}{stem}\n\n---\n"))
         rec = status.get(stem)
         path = out_dir / "notebooks" / f"{stem}.ipynb"
         if rec and rec["status"] != "ok":
@@ -200,7 +203,8 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
             cells.append(nbformat.v4.new_markdown_cell(f"## {stem}\n\n*Not run in this build.*"))
             continue
         nb = nbformat.read(str(path), as_version=4)
-        for c in nb.cells:
+        for i, c in enumerate(nb.cells):
+            c["id"] = f"{stem}-{i}"  # cell ids must stay unique in the combined notebook
             if "parameters" in c.get("metadata", {}).get("tags", []) or \
                "injected-parameters" in c.get("metadata", {}).get("tags", []):
                 continue
@@ -210,6 +214,8 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
     exporter = HTMLExporter(template_name="lab")
     body, _ = exporter.from_notebook_node(book)
     body = body.replace("</head>", _CSS + "</head>", 1)
+    for stem in NOTEBOOKS:  # nbconvert's sanitizer drops ids written in markdown: add them here
+        body = body.replace(f"{_ANCHOR}{stem}", f'<span id="{stem}"></span>')
     path = out_dir / "report.html"
     atomic_write_text(path, body)
     return path

@@ -58,7 +58,7 @@ def test_run_json_and_report(smoke_build):
     html = (build / "smoke" / "report.html").read_text()
     assert "Contents" in html and "hide-code" in html
     for stem in NOTEBOOKS:
-        assert f"id='{stem}'" in html
+        assert f'id="{stem}"' in html and f'href="#{stem}"' in html
 
 
 def test_same_seed_same_tables(smoke_build, tmp_path):
