@@ -93,6 +93,14 @@ def run_notebook(stem: str, out_dir: Path, params: dict, kernel: str = "python3"
     return rec
 
 
+def _previous_records(out: Path) -> dict:
+    """Notebook records of an earlier ``run.json`` in ``out`` (name -> record), {} if none."""
+    try:
+        return {n["name"]: n for n in json.loads((out / "run.json").read_text()).get("notebooks", [])}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | None = None,
         bench_host: str = "", fresh: bool = False, build_dir: str = "build", kernel: str = "python3",
         report: bool = True) -> dict:
@@ -112,12 +120,6 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
     params = {"profile": profile, "seed": seed, "data_root": data_root, "build_dir": str(build),
               "fresh": fresh, "bench_host": bench_host}
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    prev = {}
-    if (out / "run.json").exists():
-        try:
-            prev = {n["name"]: n for n in json.loads((out / "run.json").read_text()).get("notebooks", [])}
-        except (ValueError, KeyError):
-            prev = {}
     records = []
     for stem in notebooks_for(sections):
         rec = run_notebook(stem, out, params, kernel)
@@ -125,7 +127,8 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
         extra = "" if rec["status"] == "ok" else f"  cell {rec['failed_cell']}: {rec['error'].splitlines()[0]}"
         print(f"[{flag:>6}] {stem:<24} {rec['seconds']:8.1f} s{extra}", flush=True)
         records.append(rec)
-        prev[stem] = rec
+    # re-read at the end: another run on the same build (other sections) may have finished
+    prev = {**_previous_records(out), **{r["name"]: r for r in records}}
     run_rec = {"profile": profile, "seed": seed, "data_root": data_root or "(embedded generated dataset)",
                "bench_host": bench_host, "fresh": fresh, "started": started,
                "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
