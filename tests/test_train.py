@@ -79,3 +79,24 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     init = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 14, 1))
     flat = torch.cat([p.detach().flatten() for p in init.parameters()])
     assert not torch.allclose(w0, flat)
+
+
+def test_trained_model_uses_a_user_data_root_in_the_published_layout(tmp_path):
+    """--data-root: a dataset in LPCVC's published folder names is trained on and evaluated."""
+    import shutil
+
+    from study.context import setup
+    from study.data import write_dataset
+    from study.train import trained_model
+
+    src = write_dataset(tmp_path / "gen", n_train=8, n_val=4, size=64, seed=3, workers=1)
+    root = tmp_path / "lpcvc"
+    for split, top, gt in (("train", "LPCVC_Train_Updated", "GT_Updated"), ("val", "LPCVC_Val", "GT")):
+        shutil.copytree(src / "IMG" / split, root / top / "IMG" / split)
+        shutil.copytree(src / "GT" / split, root / top / gt / split)
+    ctx = setup(profile="smoke", data_root=str(root), build_dir=str(tmp_path / "build"))
+    assert not ctx.generated_data and ctx.data_root == root
+    model, scores = trained_model(ctx, "topformer_t", steps=2)
+    assert 0.0 <= scores["miou"] <= 1.0 and len(scores["per_class_iou"]) == 14
+    # the cache entry is keyed by this dataset's fingerprint, not the embedded one
+    assert any(p.name.startswith("baseline-topformer_t-") for p in (tmp_path / "build" / "cache").iterdir())
