@@ -145,7 +145,7 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
 
 _CSS = """
 <style>
-body.hide-code .jp-Cell-inputWrapper, body.hide-code .jp-InputArea { display: none; }
+body.hide-code .jp-CodeCell .jp-Cell-inputWrapper { display: none; }
 #sc-toolbar { position: fixed; top: 8px; right: 12px; z-index: 10; }
 #sc-toolbar button { padding: 4px 10px; }
 .sc-failed { border: 2px solid #c0392b; background: #fdecea; padding: 8px 12px; }
@@ -208,6 +208,8 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
         nb = nbformat.read(str(path), as_version=4)
         for i, c in enumerate(nb.cells):
             c["id"] = f"{stem}-{i}"  # cell ids must stay unique in the combined notebook
+            if c.cell_type == "code":  # progress bars and warnings (stderr) stay in the notebooks
+                c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
             if "parameters" in c.get("metadata", {}).get("tags", []) or \
                "injected-parameters" in c.get("metadata", {}).get("tags", []):
                 continue
