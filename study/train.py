@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
@@ -312,7 +313,7 @@ def train_cached(ctx, tag: str, build_fn: Callable[[], nn.Module], cfg: TrainCon
                 "scores": scores, "history": {k: hist[k] for k in ("loss", "evals", "seconds")}}
 
     rec = ctx.cache.memo(tag, key_cfg, compute, seed=seed, data_fp=ctx.data_fp,
-                         code=(__import__(__name__), smodels, sdata, *code))
+                         code=(sys.modules[__name__], smodels, sdata, *code))
     model = build_fn()
     model.load_state_dict(rec["state_dict"])
     model.to(ctx.device).eval()

@@ -100,3 +100,22 @@ def test_trained_model_uses_a_user_data_root_in_the_published_layout(tmp_path):
     assert 0.0 <= scores["miou"] <= 1.0 and len(scores["per_class_iou"]) == 14
     # the cache entry is keyed by this dataset's fingerprint, not the embedded one
     assert any(p.name.startswith("baseline-topformer_t-") for p in (tmp_path / "build" / "cache").iterdir())
+
+
+def test_cache_key_covers_the_training_code(tmp_path, monkeypatch):
+    """train_cached keys its entries on the source of study.train itself (not just the package)."""
+    import study.train as st
+    from study.context import setup
+
+    seen = {}
+
+    def fake_memo(self, name, config, compute, *, seed=None, data_fp="", code=()):
+        seen["code"] = list(code)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr("study.cache.ArtifactCache.memo", fake_memo)
+    ctx = setup(profile="smoke", build_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="stop"):
+        st.trained_model(ctx, "topformer_t", steps=1)
+    import study.data, study.models
+    assert st in seen["code"] and study.models in seen["code"] and study.data in seen["code"]
