@@ -130,6 +130,15 @@ def _finish(res: dict, sampler: SystemSampler, before: dict, **extra) -> dict:
 _PREC = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
 
+def _start_sampler() -> tuple:
+    """Start a 50 ms memory sampler in its "load" phase; returns (sampler, system summary before)."""
+    sampler = SystemSampler(interval_s=0.05)
+    sampler.start()
+    before = sampler.summary()
+    sampler.mark("load")
+    return sampler, before
+
+
 def benchmark_torch(model, input_hw: Sequence[int], batch: int = 1, threads: int | None = None,
                     warmup_s: float = 1.0, min_s: float = 3.0, min_runs: int = 50,
                     warmup_runs: int = 10, dtype=None, device=None) -> dict:
@@ -163,11 +172,8 @@ def benchmark_torch(model, input_hw: Sequence[int], batch: int = 1, threads: int
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
-    sampler = SystemSampler(interval_s=0.05)
-    sampler.start()
+    sampler, before = _start_sampler()
     try:
-        before = sampler.summary()
-        sampler.mark("load")
         t0 = time.perf_counter()
         m = model
         if params and (params[0].dtype != dtype or params[0].device != device):
@@ -227,11 +233,8 @@ def benchmark_onnx(path, input_hw: Sequence[int], batch: int = 1, threads: int |
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {str(path)!r} does not exist")
     h, w = _check_hw(input_hw, batch)
-    sampler = SystemSampler(interval_s=0.05)
-    sampler.start()
+    sampler, before = _start_sampler()
     try:
-        before = sampler.summary()
-        sampler.mark("load")
         t0 = time.perf_counter()
         try:
             sess, in_dtype = dr.make_ort_session(str(path), threads, providers, session_options)
@@ -294,11 +297,8 @@ def benchmark_tensorrt(path, input_hw: Sequence[int], batch: int = 1, precision:
     if not path.is_file():
         raise FileNotFoundError(f"model {str(path)!r} does not exist")
     h, w = _check_hw(input_hw, batch)
-    sampler = SystemSampler(interval_s=0.05)
-    sampler.start()
+    sampler, before = _start_sampler()
     try:
-        before = sampler.summary()
-        sampler.mark("load")
         t0 = time.perf_counter()
         fn, sync, info = dr._trt_runner(str(path), (h, w), batch, None, precision)
         load_s = time.perf_counter() - t0
