@@ -372,19 +372,7 @@ def _select_attention(attn: nn.Module, keep_heads: Sequence[int], keep_dims: Seq
     rows = torch.tensor(_qkv_rows(heads, dims, H, d), dtype=torch.long, device=attn.qkv.weight.device)
     cols = torch.tensor([h * d + j for h in heads for j in dims], dtype=torch.long, device=attn.proj.weight.device)
     old_scale = float(attn.scale) if hasattr(attn, "scale") else d ** -0.5
-    qkv = attn.qkv
-    new_qkv = nn.Linear(qkv.in_features, len(rows), bias=qkv.bias is not None,
-                        device=qkv.weight.device, dtype=qkv.weight.dtype)
-    new_qkv.weight.copy_(qkv.weight[rows])
-    if qkv.bias is not None:
-        new_qkv.bias.copy_(qkv.bias[rows])
-    proj = attn.proj
-    new_proj = nn.Linear(len(cols), proj.out_features, bias=proj.bias is not None,
-                         device=proj.weight.device, dtype=proj.weight.dtype)
-    new_proj.weight.copy_(proj.weight[:, cols])
-    if proj.bias is not None:
-        new_proj.bias.copy_(proj.bias)
-    attn.qkv, attn.proj = new_qkv, new_proj
+    _slice_qkv_proj(attn, rows, cols)
     attn.num_heads, attn.head_dim = len(heads), len(dims)
     if hasattr(attn, "attn_dim"):
         attn.attn_dim = len(heads) * len(dims)
@@ -479,6 +467,24 @@ def head_importance(model: nn.Module, batches: Iterable, loss_fn: Callable | Non
     if n_b == 0:
         raise ValueError("batches is empty: give at least one (images, masks) batch")
     return {n: (v / v.norm().clamp_min(1e-12)).float() for n, v in acc.items()}
+
+
+def _slice_qkv_proj(attn: nn.Module, rows, cols) -> None:
+    """Replace ``attn.qkv`` by its output rows ``rows`` and ``attn.proj`` by its input columns
+    ``cols`` (new, smaller ``nn.Linear`` modules; weights copied, biases kept)."""
+    qkv, proj = attn.qkv, attn.proj
+    new_qkv = nn.Linear(qkv.in_features, len(rows), bias=qkv.bias is not None,
+                        device=qkv.weight.device, dtype=qkv.weight.dtype)
+    new_proj = nn.Linear(len(cols), proj.out_features, bias=proj.bias is not None,
+                         device=proj.weight.device, dtype=proj.weight.dtype)
+    with torch.no_grad():
+        new_qkv.weight.copy_(qkv.weight[rows])
+        if qkv.bias is not None:
+            new_qkv.bias.copy_(qkv.bias[rows])
+        new_proj.weight.copy_(proj.weight[:, cols])
+        if proj.bias is not None:
+            new_proj.bias.copy_(proj.bias)
+    attn.qkv, attn.proj = new_qkv, new_proj
 
 
 def prune_heads(model: nn.Module, keep_heads: int, importance: dict | None = None) -> nn.Module:
@@ -581,18 +587,7 @@ def _select_attention_per_head(attn: nn.Module, keep: list) -> None:
     rows = [t * H * d + h * d + j for t in range(3) for h in range(H) for j in keep[h]]
     cols = [h * d + j for h in range(H) for j in keep[h]]
     old_scale = float(attn.scale) if hasattr(attn, "scale") else d ** -0.5
-    qkv, proj = attn.qkv, attn.proj
-    new_qkv = nn.Linear(qkv.in_features, len(rows), bias=qkv.bias is not None,
-                        device=qkv.weight.device, dtype=qkv.weight.dtype)
-    new_qkv.weight.copy_(qkv.weight[rows])
-    if qkv.bias is not None:
-        new_qkv.bias.copy_(qkv.bias[rows])
-    new_proj = nn.Linear(len(cols), proj.out_features, bias=proj.bias is not None,
-                         device=proj.weight.device, dtype=proj.weight.dtype)
-    new_proj.weight.copy_(proj.weight[:, cols])
-    if proj.bias is not None:
-        new_proj.bias.copy_(proj.bias)
-    attn.qkv, attn.proj = new_qkv, new_proj
+    _slice_qkv_proj(attn, rows, cols)
     attn.head_dim = dp
     if hasattr(attn, "attn_dim"):
         attn.attn_dim = H * dp
