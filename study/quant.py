@@ -105,6 +105,14 @@ def _hw(input_hw) -> tuple[int, int]:
     return h, w
 
 
+def _existing(path: str | os.PathLike, what: str = "ONNX model") -> Path:
+    """``Path(path)``; raises FileNotFoundError naming ``what`` and the path if it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -224,9 +232,7 @@ def ort_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS, provide
     """
     import onnxruntime as ort
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
+    path = _existing(path, "ONNX model")
     so = session_options if session_options is not None else ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
@@ -323,9 +329,7 @@ def model_size_mb(path: str | os.PathLike) -> float:
     Raises:
         FileNotFoundError: no such file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+    path = _existing(path, "model file")
     return path.stat().st_size / 1e6
 
 
@@ -359,9 +363,7 @@ def convert_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike, keep
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    fp32_path = Path(fp32_path)
-    if not fp32_path.is_file():
-        raise FileNotFoundError(f"fp32 ONNX model not found: {fp32_path}")
+    fp32_path = _existing(fp32_path, "fp32 ONNX model")
     proto = onnx.load(str(fp32_path))
     blocks = list(op_block_list) if op_block_list is not None else list(DEFAULT_OP_BLOCK_LIST)
     with warnings.catch_warnings():
@@ -527,9 +529,7 @@ def preprocess_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike | 
     Raises:
         FileNotFoundError: ``fp32_path`` does not exist.
     """
-    fp32_path = Path(fp32_path)
-    if not fp32_path.is_file():
-        raise FileNotFoundError(f"fp32 ONNX model not found: {fp32_path}")
+    fp32_path = _existing(fp32_path, "fp32 ONNX model")
     out = Path(out_path) if out_path else fp32_path.with_name(fp32_path.stem + ".pre.onnx")
     if out.is_file() and out.stat().st_mtime >= fp32_path.stat().st_mtime:
         return out
@@ -722,9 +722,7 @@ def graph_op_counts(path: str | os.PathLike) -> Counter:
         FileNotFoundError: no such file.
     """
     import onnx
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
+    path = _existing(path, "ONNX model")
     return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
