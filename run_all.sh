@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # Regenerate every table, figure and the HTML report of the study (or run the tests).
 #
-#   ./run_all.sh [--profile smoke|cpu|paper] [--seed N] [--data-root DIR] [--only SECTION]...
-#                [--bench-host HOST] [--fresh] [--build-dir DIR]
-#   ./run_all.sh --test [pytest args...]     # set up, then run the test suite
-#   ./run_all.sh --setup-only                # only create/refresh .venv
+#   ./run_all.sh [options]              set up .venv if needed, run the notebooks, build the report
+#   ./run_all.sh --test [pytest args]   set up .venv if needed, run the test suite (what CI runs)
+#   ./run_all.sh --setup-only           only create / refresh .venv and the Jupyter kernel
+#
+# Options (run mode):
+#   --profile smoke|cpu|paper  experiment size (default: cpu). smoke: CI, a few minutes;
+#                              cpu: this 2-core machine; paper: source 000's setting (GPU + LPCVC data)
+#   --seed N                   base seed of every training, a non-negative integer (default: 0)
+#   --data-root DIR            a dataset in the LPCVC layout (default: the embedded generated dataset)
+#   --only SECTION             run only this section; repeatable (default: all eight sections)
+#   --bench-host HOST          SSH host for the deployment section (default: this machine)
+#   --fresh                    ignore the cache and recompute everything (default: off)
+#   --build-dir DIR            output root (default: build): DIR/<profile>/ and DIR/cache/
+#   -h, --help                 print this help
 #
 # Set-up is automatic: .venv is created (or reused) with Python 3.11, the package is
 # installed with its pinned dependencies, and a Jupyter kernel "segcompress" is added.
-# Outputs: build/<profile>/{notebooks,tables,figures}/, build/<profile>/run.json and
-# build/<profile>/report.html. Exit: 0 ok, 1 a notebook (or test) failed, 2 bad arguments.
+# Outputs: build/<profile>/{notebooks,tables,figures}/, build/<profile>/run.json,
+# build/<profile>/report.html and report-screenshot.png (where Chromium is installed).
+# Exit: 0 ok, 1 a notebook (or test) failed, 2 bad arguments.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -39,7 +50,7 @@ if [[ $mode == run ]]; then
                     args+=("$1" "$2"); shift 2 ;;
       --build-dir) [[ $# -ge 2 ]] || die "--build-dir needs a directory"; args+=("$1" "$2"); shift 2 ;;
       --fresh) args+=("$1"); shift ;;
-      -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+      -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
       *) die "unknown option '$1'" ;;
     esac
   done

@@ -4,6 +4,7 @@ Budget: INT8 >= 1.5x faster than ORT fp32 with <= 1 mIoU point lost. Prints meas
 numbers only (median batch-1 latency over ``--runs`` runs, 2 intra-op threads), never
 asserts. Variants: fp32, whole-model INT8 QDQ (MinMax, per-channel), QOperator, and the
 selective INT8 model whose float op types are chosen by ``study.quant.node_sensitivity``.
+Latencies come from ``study.quant.latency_ms`` (``study.bench.time_callable``).
 The mIoU change is printed when a trained KD student is cached (``--build-dir``);
 otherwise a random-initialised student is timed and argmax agreement with fp32 is shown.
 
@@ -22,6 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from study import quant  # noqa: E402
+from study.context import setup  # noqa: E402
+from study.models import create_model  # noqa: E402
+from study.sections import quantization as sec  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,12 +40,9 @@ def main(argv=None) -> int:
 
     ctx, model, trained = None, None, False
     if a.build_dir:
-        from study.context import setup
-        from study.distill import kd_student
         ctx = setup(profile="cpu", build_dir=a.build_dir)
-        model, trained = kd_student(ctx)[0], True
+        model, trained = sec.kd_student(ctx)[0], True
     else:
-        from study.models import create_model
         torch.manual_seed(0)
         model = create_model("upernet_mobilevit_s")
     model.eval()
@@ -52,8 +53,8 @@ def main(argv=None) -> int:
         for s in a.sizes:
             rng = np.random.default_rng(0)
             if trained and s == ctx.profile.image_size:
-                calib, _ = quant.split_arrays(ctx, "train", limit=a.calib)
-                val, masks = quant.split_arrays(ctx, "val")
+                calib, _ = sec.split_arrays(ctx, "train", limit=a.calib)
+                val, masks = sec.split_arrays(ctx, "val")
             else:
                 calib = rng.standard_normal((a.calib, 3, s, s)).astype(np.float32)
                 val, masks = rng.standard_normal((4, 3, s, s)).astype(np.float32), None

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from study import bench, models, prune  # noqa: E402
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hw", type=int, default=128, help="input side, px")
     ap.add_argument("--sparsity", type=float, default=max(PROFILES["cpu"].sparsities),
                     help="channel pruning ratio (default: largest cpu-profile sparsity)")
-    ap.add_argument("--importance", default="magnitude", choices=prune.IMPORTANCES)
+    ap.add_argument("--importance", default="magnitude", choices=[i for i in prune.IMPORTANCES if i != "taylor"],
+                    help="channel importance (Taylor needs training data, which this benchmark has none of)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-s", type=float, default=3.0, help="seconds of timed runs per model")
     ap.add_argument("--min-runs", type=int, default=50)
@@ -79,8 +81,6 @@ def main(argv=None) -> int:
             print("\nwhere the time goes (ORT kernel time per op type, ms per run):")
             a = op_time_by_type(profile_ops(paths["dense"], hw, runs=20, threads=args.threads)).set_index("op_type")
             b = op_time_by_type(profile_ops(paths["pruned"], hw, runs=20, threads=args.threads)).set_index("op_type")
-            import pandas as pd
-
             t = pd.DataFrame({"dense_ms": a["ms_per_run"], "pruned_ms": b["ms_per_run"]}).fillna(0.0)
             t["dense_share"] = t["dense_ms"] / t["dense_ms"].sum()
             t["pruned_share"] = t["pruned_ms"] / t["pruned_ms"].sum()

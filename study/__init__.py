@@ -1,17 +1,26 @@
 """segcompress study package: compressing ViT-style semantic segmenters for edge devices.
 
-One module per concept (see README.md):
+Two layers (see README.md, "The study package").
 
-- :mod:`study.profiles` - experiment sizes (``smoke``, ``cpu``, ``paper``) as dataclasses
-- :mod:`study.cache`    - content-addressed artifact cache with atomic writes
+Methods - work on models, tensors, loaders and files; no notebook context:
+
+- :mod:`study.data`     - embedded UAV disaster dataset generator, LPCVC loader, batch stream
+- :mod:`study.models`   - registry of segmentation models, pretrained encoders, MACs, fingerprint
+- :mod:`study.train`    - training loop, evaluation, progress, seeding
+- :mod:`study.metrics`  - mIoU, mDice (LPCVC score), bootstrap / seed intervals, verdicts
+- :mod:`study.distill`  - KD losses (KL, MSE, FitNets features, CWD) and the KD training loss
+- :mod:`study.prune`    - structured / unstructured / head / MLP pruning, iterative schedules
+- :mod:`study.quant`    - ONNX export, fp16, INT8 PTQ, op profiles, selective quantization
+- :mod:`study.bilevel`  - source 002's bi-level pruning-parameterization search
+- :mod:`study.bench`    - latency / memory measurement (local and on devices over SSH)
+- :mod:`study.device_runner` - the self-contained file copied to a device
+
+The lab bench - the only code that takes a :class:`~study.context.Context`:
+
+- :mod:`study.sections` - one module per notebook (cached runs, sweep plans, rows, verdicts)
 - :mod:`study.context`  - what a notebook gets: profile, seed, cache, data, table/figure writers
-- :mod:`study.data`     - embedded UAV disaster dataset generator and the LPCVC loader
-- :mod:`study.models`   - registry of segmentation models and their params / MACs
-- :mod:`study.train`    - training loop, evaluation, cached baselines
-- :mod:`study.metrics`  - mIoU, mDice (LPCVC score), pixel accuracy
-- :mod:`study.distill`, :mod:`study.prune`, :mod:`study.quant`, :mod:`study.search`,
-  :mod:`study.bench`    - the study sections
-- :mod:`study.report`   - executes notebooks (papermill) and builds the HTML report
+- :mod:`study.report`   - executes notebooks (papermill), builds and checks the HTML report
+- :mod:`study.profiles`, :mod:`study.cache` - experiment sizes; atomic, code-keyed cache
 """
 
 __version__ = "0.1.0"

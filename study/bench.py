@@ -1,12 +1,16 @@
-"""Benchmarking: local latency / memory (torch, onnxruntime, TensorRT) and on-device runs over SSH.
+"""Measuring models: latency, throughput and memory, in this process or on an edge device.
+
+(Not to be confused with ``benchmarks/``, which times the study's own code.)
 
 Local API (in this process)::
 
     benchmark_torch(model, (128, 128))          # nn.Module, eager, inference_mode
-    benchmark_onnx("model.onnx", (128, 128))    # onnxruntime session
+    benchmark_onnx("model.onnx", (128, 128))    # onnxruntime session from ort_session()
     benchmark_tensorrt("model.onnx", (128, 128), precision="fp16")   # needs tensorrt + CUDA
+    sess = ort_session("model.onnx", threads=2) # THE host-side onnxruntime session factory
 
-All three share :func:`study.device_runner.time_callable` (warm-up >= ``warmup_runs`` and
+All three benchmarks share :func:`time_callable` (THE latency timer of the study; it is
+:func:`study.device_runner.time_callable` re-exported: warm-up >= ``warmup_runs`` and
 >= ``warmup_s``, then >= ``min_runs`` and >= ``min_s`` timed runs) and
 :class:`study.device_runner.SystemSampler` (process RSS, system RAM / swap, tegrastats when
 present). They return one dict with the same keys as the device runner's JSON:
@@ -24,6 +28,14 @@ copies ``study/device_runner.py`` and the model into a ``mktemp -d`` folder on t
 it, removes the folder (always), and stores the JSON with provenance under
 ``results/devices/<device-slug>/<UTC date>_<model-stem>_<runtime>_<precision>.json``.
 :func:`load_device_results` reads those files back into a DataFrame.
+
+Measurement targets::
+
+    target = choose_target("")                  # SSH host, 127.0.0.1 over SSH, or local runner
+    result, stored = measure_file(target, "model.onnx", input_hw=(128, 128))
+
+torch, onnxruntime, numpy and pandas are imported inside the functions that use them: they are
+heavy, and ``python -m study.bench remote`` needs none of them on the measuring host.
 """
 from __future__ import annotations
 
@@ -36,6 +48,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -47,11 +60,11 @@ from . import device_runner as dr
 from .device_runner import SystemSampler, parse_tegrastats_line, summarize_latencies, time_callable
 
 __all__ = [
-    "BenchUnavailable", "RemoteBenchError", "benchmark_callable", "benchmark_torch", "benchmark_onnx",
-    "benchmark_tensorrt", "run_remote", "run_local_runner", "load_device_results", "store_result",
-    "device_slug", "parse_tegrastats_line", "time_callable", "summarize_latencies", "main",
-    "RUNNER_PATH", "DEFAULT_RESULTS_DIR", "ssh_reachable", "choose_target", "measure_file", "onnx_scores",
-    "SOURCE000_NANO", "RESULT_COLUMNS", "module_fingerprint",
+    "BenchUnavailable", "RemoteBenchError", "time_callable", "summarize_latencies", "ort_session",
+    "benchmark_callable", "benchmark_torch", "benchmark_onnx", "benchmark_tensorrt",
+    "run_remote", "run_local_runner", "ssh_reachable", "choose_target", "measure_file",
+    "store_result", "load_device_results", "device_slug", "parse_tegrastats_line", "main",
+    "RUNNER_PATH", "DEFAULT_RESULTS_DIR", "RESULT_COLUMNS",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +89,69 @@ class RemoteBenchError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- local benchmarks
+
+def ort_session(path: str | os.PathLike, threads: int | None, providers: Sequence[str] | None = None,
+                optimized_model_path: str | os.PathLike | None = None, enable_profiling: bool = False,
+                profile_prefix: str | None = None, session_options=None):
+    """The study's one ONNX Runtime session factory (host side).
+
+    Sequential execution, ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1``,
+    warnings off. (:func:`study.device_runner.make_ort_session` is a deliberate copy: the
+    device runner must stay a single self-contained file.)
+
+    Example::
+
+        sess = ort_session("model.onnx", threads=2)
+        logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]   # x float32 (1, 3, H, W)
+
+    Args:
+        path: ``.onnx`` file.
+        threads: intra-op threads (int >= 1; the study's thread policy decides the value), or
+            None to keep onnxruntime's default (one per physical core) and the inter-op
+            setting of ``session_options``.
+        providers: execution providers (default ``["CPUExecutionProvider"]``, on every host,
+            so that timings and accuracy come from the same provider).
+        optimized_model_path: if given, ORT writes its optimised graph there (what really runs).
+        enable_profiling: turn on ORT's JSON profiler (``profile_prefix`` names the file).
+        session_options: an ``ort.SessionOptions`` to start from (the fields above override it).
+
+    Returns:
+        ``onnxruntime.InferenceSession``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names it).
+        ValueError: ``threads`` < 1.
+        onnxruntime errors: the file is not a model onnxruntime can load.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} does not exist")
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"ort_session: threads must be >= 1 (or None), got {threads!r}")
+    so = session_options if session_options is not None else ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    if enable_profiling:
+        so.enable_profiling = True
+        if profile_prefix:
+            so.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def _fastest_providers() -> list:
+    """CUDA then CPU, of those this onnxruntime build has (what :func:`benchmark_onnx` uses by default)."""
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail] or avail
+
 
 def benchmark_callable(fn: Callable[[], Any], *, batch: int = 1, sync: Callable[[], Any] | None = None,
                        warmup_s: float = 1.0, min_s: float = 3.0, min_runs: int = 50,
@@ -210,7 +286,7 @@ def benchmark_onnx(path, input_hw: Sequence[int], batch: int = 1, threads: int |
         input_hw: (H, W), px. batch: N (the model must accept it).
         threads: ``SessionOptions.intra_op_num_threads`` (None: onnxruntime's default = one per
             physical core; recorded as 0).
-        providers: execution providers (None: CUDA then CPU if available).
+        providers: execution providers (None: CUDA then CPU, of those available).
         warmup_s, min_s (s), min_runs, warmup_runs: see :func:`time_callable`.
         session_options: an ``onnxruntime.SessionOptions`` to start from.
         precision: label to record (None: guessed from the file: int8 when it has Q/DQ or
@@ -218,7 +294,7 @@ def benchmark_onnx(path, input_hw: Sequence[int], batch: int = 1, threads: int |
 
     Returns:
         dict (see module docstring) with ``runtime="ort"``, ``providers``, ``load_s`` = session
-        creation time, s.
+        creation time (:func:`ort_session`), s.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names it).
@@ -237,11 +313,13 @@ def benchmark_onnx(path, input_hw: Sequence[int], batch: int = 1, threads: int |
     try:
         t0 = time.perf_counter()
         try:
-            sess, in_dtype = dr.make_ort_session(str(path), threads, providers, session_options)
+            sess = ort_session(path, threads or None, providers or _fastest_providers(),
+                               session_options=session_options)
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             raise RuntimeError(f"onnxruntime could not load {str(path)!r}: {e}") from e
         load_s = time.perf_counter() - t0
         inp = sess.get_inputs()[0]
+        in_dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(inp.type, np.float32)
         x = np.random.RandomState(0).standard_normal((batch, 3, h, w)).astype(in_dtype)
         feed = {inp.name: x}
         try:
@@ -300,7 +378,7 @@ def benchmark_tensorrt(path, input_hw: Sequence[int], batch: int = 1, precision:
     sampler, before = _start_sampler()
     try:
         t0 = time.perf_counter()
-        fn, sync, info = dr._trt_runner(str(path), (h, w), batch, None, precision)
+        fn, sync, info = dr.trt_runner(str(path), (h, w), batch, None, precision)
         load_s = time.perf_counter() - t0
         res = benchmark_callable(fn, batch=batch, sync=sync, warmup_s=warmup_s, min_s=min_s,
                                  min_runs=min_runs, warmup_runs=warmup_runs, sampler=sampler)
@@ -736,35 +814,15 @@ def load_device_results(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR):
     return df.sort_values(["device", "date_utc"], kind="stable").reset_index(drop=True) if len(df) else df
 
 
-# --------------------------------------------------------------------------- deployment section helpers
-
-#: Jetson Nano numbers published by source 000 (UPerNet + MobileViT student); for the
-#: clearly labelled "reported by source 000" rows only, never mixed with measurements.
-SOURCE000_NANO = {
-    "device": "Jetson Nano 4GB (reported by source 000)",
-    "model": "upernet_mobilevit_s", "params_m": 5.6, "miou_kd": 0.6056, "miou_no_kd": 0.5365,
-    "fps_fp32": 3.11, "fps_fp16": 4.49, "ram_used_mb": 3742.0, "swap_used_mb": 1030.0,
-    "source": "reported by source 000 (Jetson Nano 4GB)",
-}
-
-
-def module_fingerprint(module) -> str:
-    """SHA-256 (12 hex chars) of a torch module's state_dict (names, shapes, dtypes, values).
-
-    Used to name exported files so that an export is reused only for identical weights.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:12]
-
+# --------------------------------------------------------------------------- measurement targets
 
 def choose_target(bench_host: str = "", remote_python: str | None = None, connect_timeout: int = 5) -> dict:
-    """Where the deployment section measures.
+    """Where to measure model files: an SSH host, this machine over SSH, or a local runner.
+
+    Example::
+
+        target = choose_target("jetson")        # or "" for this machine
+        result, stored = measure_file(target, "model.onnx", input_hw=(512, 512))
 
     ``bench_host`` given: that SSH host (alias from ``~/.ssh/config`` allowed), interpreter
     ``remote_python`` (default ``python3``); it must be reachable (no silent fallback).
@@ -773,14 +831,12 @@ def choose_target(bench_host: str = "", remote_python: str | None = None, connec
     ``sys.executable``), else the local runner (a subprocess of this machine).
 
     Returns:
-        dict ``mode`` (``"ssh"``/``"local"``), ``host``, ``remote_python``, ``device`` (label for
-        the table, saying plainly which path was used) and ``reason``.
+        dict ``mode`` (``"ssh"``/``"local"``), ``host``, ``remote_python``, ``device`` (a label
+        saying plainly which path was used) and ``reason``.
 
     Raises:
         RemoteBenchError: ``bench_host`` given but not reachable (the message names it).
     """
-    import socket
-
     cpu = dr.device_info()["model"]
     if bench_host:
         ok, why = ssh_reachable(bench_host, connect_timeout=connect_timeout)
@@ -802,11 +858,16 @@ def choose_target(bench_host: str = "", remote_python: str | None = None, connec
 
 def measure_file(target: dict, path, *, runtime: str = "ort", precision: str = "fp32",
                  input_hw: Sequence[int] = (128, 128), threads: int | None = None, warmup_s: float = 1.0,
-                 min_s: float = 3.0, min_runs: int = 50, results_dir=None) -> tuple[dict, Path | None]:
+                 min_s: float = 3.0, min_runs: int = 50, results_dir=None, **ssh) -> tuple[dict, Path | None]:
     """Measure one model file on ``target`` (from :func:`choose_target`) with the device runner.
 
     SSH targets go through :func:`run_remote` (stored under ``results_dir`` when given); the local
-    target through :func:`run_local_runner` (not stored). Returns (result, stored path or None).
+    target through :func:`run_local_runner` (not stored). Arguments as :func:`run_remote`
+    (``input_hw`` px, ``warmup_s``/``min_s`` s); ``ssh``: further :func:`run_remote` keywords
+    for SSH targets (``port``, ``user``, ``identity``, ``known_hosts``, ``ssh_options``...).
+
+    Returns:
+        (the runner's result dict, stored path or None).
 
     Raises:
         RemoteBenchError: the measurement failed (message names the host and the reason).
@@ -814,43 +875,9 @@ def measure_file(target: dict, path, *, runtime: str = "ort", precision: str = "
     kw = dict(runtime=runtime, precision=precision, input_hw=input_hw, threads=threads, warmup_s=warmup_s,
               min_s=min_s, min_runs=min_runs)
     if target["mode"] == "ssh":
-        return run_remote(target["host"], path, remote_python=target["remote_python"], results_dir=results_dir,
-                          **kw)
+        return run_remote(target["host"], path, **{"remote_python": target["remote_python"], **ssh},
+                          results_dir=results_dir, **kw)
     return run_local_runner(path, **kw), None
-
-
-def onnx_scores(path, loader, threads: int | None = None) -> dict:
-    """mIoU / mDice of an ONNX segmenter on a loader, from onnxruntime outputs.
-
-    Args:
-        path: ONNX file (input NCHW float32, or float16 which is fed cast); output logits
-            (N, C, H', W') resized (bilinear) to the mask size when they differ.
-        loader: yields (images float32 (B, 3, H, W), masks int64 (B, H, W)).
-        threads: intra-op threads.
-
-    Returns:
-        dict ``miou``, ``mdice``, ``pixel_acc`` (see :class:`study.metrics.SegmentationMeter`).
-    """
-    import numpy as np
-
-    from .metrics import SegmentationMeter
-
-    sess, dtype = dr.make_ort_session(str(path), threads)
-    inp = sess.get_inputs()[0]
-    fixed = isinstance(inp.shape[0], int)
-    meter = SegmentationMeter()
-    for images, masks in loader:
-        x = images.numpy().astype(dtype)
-        outs = [sess.run(None, {inp.name: x[i:i + 1]})[0] for i in range(len(x))] if fixed else \
-            [sess.run(None, {inp.name: x})[0]]
-        logits = np.concatenate(outs).astype(np.float32)
-        if logits.shape[-2:] != tuple(masks.shape[-2:]):
-            import torch
-            logits = torch.nn.functional.interpolate(torch.from_numpy(logits), size=tuple(masks.shape[-2:]),
-                                                     mode="bilinear", align_corners=False).numpy()
-        meter.update(logits.argmax(1), masks.numpy())
-    s = meter.compute()
-    return {"miou": s["miou"], "mdice": s["mdice"], "pixel_acc": s["pixel_acc"]}
 
 
 # --------------------------------------------------------------------------- CLI

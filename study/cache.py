@@ -10,14 +10,16 @@ from the entries that were finished. Entries must load with ``weights_only=True`
 """
 from __future__ import annotations
 
+import ast
 import hashlib
-import inspect
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+PACKAGE = "study"
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -58,22 +60,89 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def code_fingerprint(objs: Iterable[Any]) -> str:
-    """SHA-256 (16 hex chars) of the source of modules / functions / classes ``objs``."""
+def _study_imports(module_name: str) -> set[str]:
+    """Names of the ``study`` modules that ``module_name``'s source imports (parsed, not run)."""
+    mod = sys.modules.get(module_name)
+    if mod is None:
+        import importlib
+
+        mod = importlib.import_module(module_name)
+    path = getattr(mod, "__file__", None)
+    if not path:
+        return set()
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    pkg = module_name if path.endswith("__init__.py") else module_name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def resolve(level: int, name: str | None) -> str:
+        base = pkg.split(".")
+        if level > 1:
+            base = base[: len(base) - (level - 1)]
+        return ".".join(base + ([name] if name else []))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
+        elif isinstance(node, ast.ImportFrom):
+            target = resolve(node.level, node.module) if node.level else (node.module or "")
+            if target.split(".")[0] != PACKAGE:
+                continue
+            found.add(target)
+            for a in node.names:  # "from . import prune" imports a module
+                sub = f"{target}.{a.name}"
+                if _module_file(sub):
+                    found.add(sub)
+    return {m for m in found if _module_file(m)}
+
+
+def _module_file(name: str) -> Path | None:
+    """Source file of the ``study`` module ``name`` (package ``__init__`` included), or None."""
+    root = Path(__file__).resolve().parent.parent
+    rel = Path(*name.split("."))
+    for cand in (root / rel.with_suffix(".py"), root / rel / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def code_closure(*modules: Any) -> list[str]:
+    """Sorted names of ``modules`` and every ``study`` module they import, transitively.
+
+    Imports are read from the source with :mod:`ast` (``import study.x``, ``from . import
+    x``, ``from ..prune import f``, in-function imports included), so a cache key built
+    from the closure covers the code a result actually calls: editing any module in it
+    changes the key. Modules may be given as module objects or dotted names.
+    """
+    todo = [m if isinstance(m, str) else m.__name__ for m in modules]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(_study_imports(name) - seen)
+    return sorted(seen)
+
+
+def closure_fingerprint(*modules: Any) -> str:
+    """SHA-256 (16 hex chars) of the source files in :func:`code_closure` of ``modules``."""
     h = hashlib.sha256()
-    for obj in objs:
-        try:
-            src = inspect.getsource(obj)
-        except (TypeError, OSError):
-            src = repr(obj)
-        h.update(src.encode("utf-8"))
+    for name in code_closure(*modules):
+        h.update(name.encode())
+        h.update(_module_file(name).read_bytes())
     return h.hexdigest()[:16]
 
 
-def make_key(config: dict, seed: int | None = None, data_fp: str = "", code: Iterable[Any] = ()) -> str:
-    """Hash (16 hex chars) of a JSON-able ``config``, ``seed``, data fingerprint and code."""
+def make_key(config: dict, seed: int | None = None, data_fp: str = "", modules: Iterable[Any] = ()) -> str:
+    """Hash (16 hex chars) of a JSON-able ``config``, ``seed``, data fingerprint and code.
+
+    The code part is :func:`closure_fingerprint` of ``modules``: the source of those
+    modules and of every ``study`` module they import, so keys are derived, never
+    hand-listed.
+    """
     payload = json.dumps({"config": config, "seed": seed, "data": data_fp,
-                          "code": code_fingerprint(code)}, sort_keys=True, default=str)
+                          "code": closure_fingerprint(*modules) if modules else ""},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -84,7 +153,7 @@ class ArtifactCache:
 
         cache = ArtifactCache("build/cache")
         state = cache.memo("teacher", cfg, lambda: train(...), seed=0, data_fp=fp,
-                           code=[study.train, study.models])
+                           modules=["study.sections.common"])
 
     Args:
         root: folder of the entries.
@@ -130,13 +199,14 @@ class ArtifactCache:
         return p
 
     def memo(self, name: str, config: dict, compute: Callable[[], Any], *, seed: int | None = None,
-             data_fp: str = "", code: Iterable[Any] = ()) -> Any:
+             data_fp: str = "", modules: Iterable[Any] = ()) -> Any:
         """Return the cached result of ``compute()`` for this (config, seed, data, code).
 
-        ``compute`` runs only when no finished entry exists; its result is stored
-        atomically before it is returned.
+        ``modules``: the modules whose import closure made the result (see
+        :func:`make_key`). ``compute`` runs only when no finished entry exists; its result
+        is stored atomically before it is returned.
         """
-        key = make_key(config, seed, data_fp, code)
+        key = make_key(config, seed, data_fp, modules)
         hit = self.get(name, key)
         if hit is not None:
             return hit

@@ -8,34 +8,20 @@ the top-level ``figures/`` as well, so readers see them without running anything
 """
 from __future__ import annotations
 
-import os
-import random
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import matplotlib.pyplot as plt
 import torch
 
 from . import BASE_COLUMNS, SECTIONS
+from . import data as sdata
 from .cache import ArtifactCache, atomic_write_bytes, atomic_write_text
 from .profiles import Profile, get_profile
+from .train import seed_everything  # noqa: F401 - re-exported for notebooks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch, and ask torch for deterministic algorithms.
-
-    Args:
-        seed: any non-negative int.
-    """
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if torch.backends.cudnn.is_available():
-        torch.backends.cudnn.benchmark = False
 
 
 class TableError(ValueError):
@@ -102,13 +88,28 @@ class Context:
         self.tables[section] = df
         return csv
 
-    def save_figure(self, fig, section: str, name: str, dpi: int = 110) -> Path:
-        """Save a matplotlib figure as ``<section>_<name>.png`` (atomically).
+    def save_figure(self, fig, section: str, name: str, dpi: int = 110, caption: str = "",
+                    split: str = "val", seeds=None) -> Path:
+        """Save a matplotlib figure as ``<section>_<name>.png`` (atomically) and show it inline.
 
-        For the ``cpu`` profile the PNG is also copied to the top-level ``figures/``.
+        In a notebook the PNG is displayed where this is called, followed by a caption that
+        states the profile, the split and the seeds behind the figure (so the executed
+        notebook and the HTML report carry every figure next to its text); the figure is
+        then closed. For the ``cpu`` profile the PNG is also copied to the top-level
+        ``figures/``.
+
+        Args:
+            fig: a matplotlib ``Figure``.
+            section: one of :data:`study.SECTIONS`.
+            name: file-name part (letters, digits, ``_``).
+            dpi: resolution of the PNG.
+            caption: what the figure shows (one sentence).
+            split: the data split the plotted numbers come from (``val``, ``test``, ``train``).
+            seeds: the seeds behind the numbers (default: the run's seed).
+
+        Returns:
+            Path of the PNG under ``<build_dir>/<profile>/figures/``.
         """
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
         data = buf.getvalue()
@@ -116,7 +117,26 @@ class Context:
         atomic_write_bytes(out, data)
         if self.profile.name == "cpu":
             atomic_write_bytes(REPO_ROOT / "figures" / out.name, data)
+        plt.close(fig)
+        seeds = self.seed if seeds is None else seeds
+        seeds = ", ".join(str(s) for s in seeds) if isinstance(seeds, (list, tuple)) else str(seeds)
+        text = (f"**Figure `{out.name}`.** {caption.strip()} *(profile `{self.profile.name}`, "
+                f"split `{split}`, seed(s) {seeds})*")
+        _display_png(data, text)
         return out
+
+
+def _display_png(data: bytes, caption_md: str) -> None:
+    """Show PNG bytes and a Markdown caption when running inside an IPython kernel."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, Markdown, display
+    except ImportError:  # plain Python without IPython: nothing to show
+        return
+    if get_ipython() is None:
+        return
+    display(Image(data=data, format="png"))
+    display(Markdown(caption_md))
 
 
 def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: str = "build",
@@ -135,8 +155,6 @@ def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: s
         study.profiles.ProfileError: bad profile or unmet requirements.
         study.data.DataError: a malformed data root (the message names the file).
     """
-    from . import data as sdata
-
     prof = get_profile(profile, data_root=data_root or None)
     if prof.extra.get("torch_threads"):
         torch.set_num_threads(int(prof.extra["torch_threads"]))

@@ -18,19 +18,23 @@ smoke plume) decide. All drawing happens at the target size with numpy + OpenCV.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import random
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from . import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from .cache import atomic_write_text
 
 cv2.setNumThreads(1)  # the generator and the loaders parallelise over processes
 
@@ -868,8 +872,6 @@ def prepare_dataset(profile, seed: int, cache_root, data_root=None, workers: int
     Raises:
         DataError: a malformed ``data_root`` (message names the file / folder).
     """
-    from .cache import atomic_write_text
-
     data_dir = Path(cache_root) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     if data_root:
@@ -926,8 +928,6 @@ def train_transform(crop_size: int, image_size: int, seed: int | None = None):
     (mask fill 255) -> colour jitter (brightness / contrast / saturation 0.5, p 0.5).
     Input / output: image uint8 (H, W, 3), mask uint8 (H, W).
     """
-    import albumentations as A
-
     return A.Compose([
         A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                  area_for_downscale="image"),
@@ -944,8 +944,6 @@ def train_transform(crop_size: int, image_size: int, seed: int | None = None):
 
 def val_transform(image_size: int):
     """Validation transform: resize to ``image_size`` (image area/bilinear, mask nearest)."""
-    import albumentations as A
-
     return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR,
                                mask_interpolation=cv2.INTER_NEAREST, area_for_downscale="image")], seed=0)
 
@@ -1001,8 +999,6 @@ class LPCVCDataset(torch.utils.data.Dataset):
 
 def _worker_init(worker_id: int) -> None:
     """Seed numpy / random / the dataset's albumentations pipeline from torch's worker seed."""
-    import random
-
     s = torch.initial_seed() % (2**32)  # = loader base seed (from its generator) + worker id
     np.random.seed(s)
     random.seed(s)
@@ -1044,6 +1040,49 @@ def make_loaders(root, profile, seed: int, batch_size: int | None = None, num_wo
     return train, val
 
 
+class BatchStream:
+    """One endless, continuing stream of a loader's batches (the study's one batch stream).
+
+    ``iter(stream)`` always returns the same generator, so successive consumers (two
+    ``train`` calls, a search's weight and mask steps) continue where the previous one
+    stopped instead of restarting the epoch. The loader is re-iterated at the end of each
+    epoch (a shuffled loader reshuffles). Under data parallelism rank ``r`` of ``world``
+    keeps every ``world``-th batch.
+
+    Raises:
+        ValueError: (on the first ``next``) the loader yields no batch.
+    """
+
+    def __init__(self, loader, rank: int = 0, world: int = 1):
+        self._gen = self._endless(loader, int(rank), int(world))
+
+    @staticmethod
+    def _endless(loader, rank: int, world: int):
+        while True:
+            n = 0
+            for i, batch in enumerate(loader):
+                n += 1
+                if i % world == rank:
+                    yield batch
+            if n == 0:
+                raise ValueError("batch stream: the loader yielded no batch")
+
+    def __iter__(self):
+        return self._gen
+
+    def __next__(self):
+        return next(self._gen)
+
+    def take(self, n: int) -> list:
+        """The next ``n`` batches as a list."""
+        return list(itertools.islice(self._gen, int(n)))
+
+
+def batch_stream(loader, rank: int = 0, world: int = 1) -> BatchStream:
+    """``loader`` as a :class:`BatchStream` (returned unchanged if it already is one)."""
+    return loader if isinstance(loader, BatchStream) else BatchStream(loader, rank, world)
+
+
 def class_frequencies(root, split: str) -> np.ndarray:
     """Pixel fraction of each class in a split (ignore-index pixels excluded).
 
@@ -1075,4 +1114,4 @@ def load_split_arrays(root, split: str, size: int, limit: int | None = None):
 __all__ = ["DataError", "DatasetInfo", "generate_scene", "write_dataset", "prepare_dataset",
            "find_layout", "validate_dataset", "fingerprint_dataset", "LPCVCDataset",
            "train_transform", "val_transform", "make_loaders", "class_frequencies",
-           "load_split_arrays", "CLASS_NAMES", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "load_split_arrays", "BatchStream", "batch_stream", "CLASS_NAMES", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -7,6 +7,23 @@ device buffers, ``torch``: a TorchScript file). :mod:`study.bench` copies it to 
 over SSH and runs it; it also imports its timing loop, memory sampler and tegrastats parser,
 so the local and the on-device numbers come from the same code.
 
+Why this file has its own copies. It must stay ONE self-contained file (no ``study``
+imports, Python 3.6 syntax) because it is copied alone to devices that have neither the
+repository nor its dependencies. So it keeps its own
+
+- timer, :func:`time_callable`: this IS the study's one latency timer; the host code uses it
+  as :func:`study.bench.time_callable` (the same function, re-exported), on which
+  ``study.bench.benchmark_callable / benchmark_torch / benchmark_onnx`` are built;
+- ONNX Runtime session factory, :func:`make_ort_session`: a copy; the host code uses
+  :func:`study.bench.ort_session`;
+- TensorRT engine builder, :func:`load_trt_engine` (deserialize an engine file or build one
+  in memory from ONNX, no calibrator): host-side engine files with INT8 calibration come
+  from :func:`study.quant.build_trt_engine`.
+
+The runtime loaders :func:`ort_runner`, :func:`torch_runner` and :func:`trt_runner` (one
+per ``--runtime``, see :data:`LOADERS`) return ``(fn, sync, info)``: one inference, the
+synchronisation to call after it (or None) and version facts.
+
 Usage::
 
     python3 device_runner.py --model model.onnx --runtime ort --precision fp32 \
@@ -593,7 +610,8 @@ def make_ort_session(path, threads=None, providers=None, session_options=None):
     return sess, dtype
 
 
-def _ort_runner(path, hw, batch, threads, precision):
+def ort_runner(path, hw, batch, threads, precision):
+    """``(fn, None, info)`` running ONNX file ``path`` once on a (batch, 3, H, W) random input."""
     import numpy as np
     sess, dtype = make_ort_session(path, threads)
     inp = sess.get_inputs()[0]
@@ -608,7 +626,8 @@ def _ort_runner(path, hw, batch, threads, precision):
     return fn, None, info
 
 
-def _torch_runner(path, hw, batch, threads, precision):
+def torch_runner(path, hw, batch, threads, precision):
+    """``(fn, sync, info)`` running TorchScript file ``path`` once (CUDA when available)."""
     torch = __import__("torch")
     if threads:
         torch.set_num_threads(int(threads))
@@ -637,7 +656,7 @@ def _torch_runner(path, hw, batch, threads, precision):
                       "torch_threads": torch.get_num_threads()}
 
 
-def build_trt_engine(path, precision, workspace_mb=1024):
+def load_trt_engine(path, precision, workspace_mb=1024):
     """Deserialize a TensorRT engine (``.engine``/``.plan``/``.trt``) or build one from ONNX.
 
     fp16 sets ``BuilderFlag.FP16``; int8 sets ``BuilderFlag.INT8`` and needs an ONNX with Q/DQ
@@ -692,10 +711,11 @@ def build_trt_engine(path, precision, workspace_mb=1024):
     return engine
 
 
-def _trt_runner(path, hw, batch, threads, precision):
+def trt_runner(path, hw, batch, threads, precision):
+    """``(fn, sync, info)`` running a TensorRT engine (from :func:`load_trt_engine`) once; ``threads`` unused."""
     import numpy as np
     trt = __import__("tensorrt")
-    engine = build_trt_engine(path, precision)
+    engine = load_trt_engine(path, precision)
     context = engine.create_execution_context()
     # device buffers: pycuda if present, else torch
     alloc = None
@@ -775,7 +795,7 @@ def _trt_runner(path, hw, batch, threads, precision):
     return fn, sync, {"tensorrt": trt.__version__, "trt_buffers": backend}
 
 
-LOADERS = {"ort": _ort_runner, "torch": _torch_runner, "trt": _trt_runner}
+LOADERS = {"ort": ort_runner, "torch": torch_runner, "trt": trt_runner}
 
 
 def _is_oom(exc):

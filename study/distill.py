@@ -1,7 +1,11 @@
-"""Knowledge distillation (KD) of a small segmenter from a large teacher (section ``distillation``).
+"""Knowledge distillation (KD) of a small segmenter from a large teacher: losses and KD training.
 
-Losses (all return a scalar float tensor; logits are float ``(N, C, H, W)``, targets int64
-``(N, H, W)`` with :data:`study.IGNORE_INDEX` marking pixels to skip):
+Context-free: everything here works on tensors and modules. The cached runs of notebook 01
+(sweeps, seeds, the KD student later sections start from) live in
+:mod:`study.sections.distillation`.
+
+Losses (all return a scalar float32 tensor; logits are float ``(N, C, H, W)``, targets int64
+``(N, H, W)`` with :data:`study.IGNORE_INDEX` (255) marking pixels to skip):
 
 - :func:`kd_kl` - Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural
   Network": per-pixel ``KL(softmax(t/T) || softmax(s/T))`` averaged over labelled pixels,
@@ -16,17 +20,19 @@ Losses (all return a scalar float tensor; logits are float ``(N, C, H, W)``, tar
   a spatial distribution ``softmax_{hw}(y/T)``; the loss is the KL divergence teacher ->
   student summed over positions, averaged over ``N*C`` channel maps, times ``T**2``.
 
-Training: :func:`make_kd_loss` builds the ``loss_fn(model, images, masks)`` that
-:func:`study.train.train` accepts (segmentation loss + ``kd_weight`` * KD term +
-``feat_weight`` * hint term); :func:`distill_student` trains and caches one student;
-:func:`kd_student` is the KD student the pruning, quantization and deployment sections
-start from (see its docstring for the choice rule).
+Training: :class:`KDConfig` names one setting, :func:`make_kd_loss` turns it into the
+``loss_fn(model, images, masks)`` that :func:`study.train.train` accepts
+(``seg + kd_weight * KD term [+ feat_weight * hint term]``), and :class:`KDStudent` wraps a
+student with its FitNets adapters so one optimizer trains both::
+
+    from study import distill, train
+    cfg = distill.KDConfig("kl", temperature=2.0, kd_weight=1.0)
+    loss_fn = distill.make_kd_loss(teacher, cfg, train_cfg=train.TrainConfig())
+    train.train(student, train_loader, val_loader, train.TrainConfig(steps=300), loss_fn=loss_fn)
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -34,11 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import IGNORE_INDEX
+from .train import TrainConfig, segmentation_loss
 
+#: Values of :attr:`KDConfig.method`.
 METHODS = ("none", "kl", "mse", "kl+feat", "cwd")
-MAIN_STUDENT = "upernet_mobilevit_s"
-#: Configuration used by :func:`kd_student` when notebook 01 has not chosen one yet.
-FALLBACK_CHOICE = {"method": "kl", "temperature": 2.0, "kd_weight": 1.0, "feat_weight": 0.0}
 
 
 # --------------------------------------------------------------------------- losses
@@ -228,7 +233,7 @@ def feature_mse(adapted: Sequence[torch.Tensor], teacher_feats: Sequence[torch.T
     return total / len(adapted)
 
 
-# --------------------------------------------------------------------------- training glue
+# --------------------------------------------------------------------------- KD training
 
 @dataclass
 class KDConfig:
@@ -241,6 +246,10 @@ class KDConfig:
         temperature: T of ``kl``, ``kl+feat`` and ``cwd`` (ignored otherwise).
         kd_weight: weight of the logit KD term.
         feat_weight: weight of the feature term (``kl+feat`` only).
+
+    Raises:
+        ValueError: unknown method, ``temperature <= 0``, a negative weight, or ``kl+feat``
+            with ``feat_weight == 0``.
     """
 
     method: str = "kl"
@@ -276,6 +285,10 @@ class KDStudent(nn.Module):
 
     ``state_dict`` / ``load_state_dict`` are those of the plain student: the adapters are
     training scaffolding and are dropped from cached checkpoints.
+
+    Args:
+        student: segmenter with ``forward_with_features(x) -> (logits, [features])``.
+        adapters: :class:`FeatureAdapters` from the student's to the teacher's widths.
     """
 
     def __init__(self, student: nn.Module, adapters: FeatureAdapters):
@@ -297,32 +310,31 @@ class KDStudent(nn.Module):
         return self.student.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, adapters: FeatureAdapters | None = None,
-                 train_cfg=None):
+def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, *, train_cfg: TrainConfig | None = None):
     """Build ``loss_fn(model, images, masks) -> (loss, logs)`` for :func:`study.train.train`.
 
     ``loss = seg + kd_weight * KD(student, teacher) [+ feat_weight * hints]`` where ``seg``
-    is :func:`study.train.segmentation_loss` (CE or OHEM per ``train_cfg``). The teacher
-    runs in eval mode under ``torch.no_grad()`` on the same augmented batch; it is put
-    back in eval mode on every call and its parameters get no gradient.
+    is :func:`study.train.segmentation_loss` (CE or OHEM per ``train_cfg``) and ``KD`` is
+    :func:`kd_kl`, :func:`kd_mse` or :func:`cwd_loss` per ``cfg.method`` (``hints`` =
+    :func:`feature_mse`, FitNets). The teacher runs in eval mode under ``torch.no_grad()``
+    on the same augmented batch; it is put back in eval mode on every call and its
+    parameters are frozen (``requires_grad=False``, set here, in place).
 
     Args:
-        teacher: frozen teacher ``(N,3,H,W) -> (N,K,H,W)`` logits (with
+        teacher: frozen teacher, float ``(N, 3, H, W)`` -> logits ``(N, K, H, W)`` (with
             ``forward_with_features`` for ``kl+feat``); may be None only for ``none``.
-        cfg: :class:`KDConfig`.
-        adapters: unused here except as a check: for ``kl+feat`` the ``model`` passed to
-            ``loss_fn`` must be a :class:`KDStudent` (possibly DDP-wrapped) holding them.
+        cfg: :class:`KDConfig`. For ``kl+feat`` the ``model`` given to ``loss_fn`` must be
+            a :class:`KDStudent` (possibly DDP-wrapped) holding the adapters.
         train_cfg: :class:`study.train.TrainConfig` of the segmentation loss (default
             ``TrainConfig()``).
 
     Returns:
-        the loss function; ``logs`` holds floats ``seg``, ``kd`` and ``feat`` (as used).
+        the loss function; ``loss`` is a scalar tensor, ``logs`` a dict of floats ``seg``,
+        ``kd`` and ``feat`` (those used).
 
     Raises:
         ValueError: a teacher is missing for a KD method.
     """
-    from .train import TrainConfig, segmentation_loss
-
     tcfg = train_cfg if train_cfg is not None else TrainConfig()
     if cfg.method != "none" and teacher is None:
         raise ValueError(f"make_kd_loss: method {cfg.method!r} needs a teacher")
@@ -364,199 +376,5 @@ def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, adapters: FeatureAdap
     return loss_fn
 
 
-def _state_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex) of a model's state dict: identifies the exact teacher weights."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def kd_steps(profile) -> int:
-    """Training steps of every KD run of notebook 01 (and of "none" at equal budget).
-
-    ``profile.extra["kd_steps"]`` if set; else ``student_steps`` for ``smoke`` and
-    ``paper`` and ``student_steps // 3`` for ``cpu`` (a KD step also runs the Swin
-    teacher forward, ~2-3x the cost of a student step on 2 CPU cores, and the section
-    trains ~20 students).
-    """
-    if "kd_steps" in (profile.extra or {}):
-        return int(profile.extra["kd_steps"])
-    return profile.student_steps // 3 if profile.name == "cpu" else profile.student_steps
-
-
-_TEACHERS: dict = {}
-
-
-def _teacher(ctx):
-    """``(teacher, scores, identity)`` of the context; loaded once per process and context."""
-    from .train import default_config, trained_model
-
-    name = ctx.profile.teacher
-    key = json.dumps([str(ctx.cache.root), ctx.profile.to_dict(), ctx.seed, ctx.data_fp, str(ctx.device)],
-                     sort_keys=True, default=str)
-    if key not in _TEACHERS or ctx.cache.fresh:
-        teacher, scores = trained_model(ctx, name)
-        ident = {"name": name, "seed": ctx.seed, "train": asdict(default_config(ctx, name)),
-                 "weights": _state_fingerprint(teacher)}
-        _TEACHERS.clear()  # keep at most one teacher in memory
-        _TEACHERS[key] = (teacher, scores, ident)
-    return _TEACHERS[key]
-
-
-def distill_student(ctx, student: str = MAIN_STUDENT, cfg: KDConfig | None = None, seed: int | None = None,
-                    steps: int | None = None):
-    """Train ``student`` from scratch with KD from the context's teacher (cached).
-
-    The teacher is ``study.train.trained_model(ctx, ctx.profile.teacher)`` (trained from
-    scratch on the context's data with the context seed, cached); its name, config, seed
-    and weight fingerprint are part of the cache key. ``method="none"`` trains with the
-    segmentation loss only (same code path and budget: the equal-steps control).
-
-    Args:
-        ctx: :class:`study.context.Context`.
-        student: registry name of a UPerNet student (has ``forward_with_features`` and
-            ``feature_channels``).
-        cfg: :class:`KDConfig` (default ``KDConfig()``: KL, T=2, weight 1).
-        seed: student seed (default ``ctx.seed``); the teacher always uses ``ctx.seed``.
-        steps: training steps (default :func:`kd_steps`).
-
-    Returns:
-        ``(model, record)``: the plain student in eval mode on ``ctx.device`` and a dict
-        with the :func:`study.train.evaluate` scores (``miou``, ``mdice``,
-        ``per_class_iou``...), ``train_seconds``, ``history`` (loss, evals), ``kd``
-        (``asdict(cfg)``), ``steps``, ``seed`` and ``teacher_miou`` (NaN for ``none``).
-    """
-    from . import distill as this
-    from .train import build, default_config, train_cached
-
-    cfg = cfg or KDConfig()
-    seed = ctx.seed if seed is None else seed
-    steps = kd_steps(ctx.profile) if steps is None else int(steps)
-    tcfg = default_config(ctx, student, steps)
-    teacher, tscores, tident = (None, {"miou": float("nan")}, None)
-    if cfg.method != "none":
-        teacher, tscores, tident = _teacher(ctx)
-    use_feat = cfg.method == "kl+feat"
-
-    def build_fn():
-        s = build(student, ctx.profile)
-        if not use_feat:
-            return s
-        return KDStudent(s, FeatureAdapters(s.feature_channels, teacher.feature_channels))
-
-    def factory():
-        return make_kd_loss(teacher, cfg, train_cfg=tcfg)
-
-    model, rec = train_cached(ctx, f"kd-{student}-{cfg.tag}", build_fn, tcfg, loss_fn_factory=factory,
-                             seed=seed, extra_key={"kd": asdict(cfg), "student": student, "teacher": tident},
-                             code=(this,))
-    if isinstance(model, KDStudent):
-        model = model.student
-    model.to(ctx.device).eval()
-    record = {**rec["scores"], "train_seconds": rec["history"]["seconds"], "history": rec["history"],
-              "kd": asdict(cfg), "steps": steps, "seed": seed, "teacher_miou": tscores["miou"]}
-    return model, record
-
-
-def choice_path(ctx):
-    """File where notebook 01 records the KD configuration chosen for later sections."""
-    return ctx.out_dir / "kd_choice.json"
-
-
-def save_kd_choice(ctx, cfg: KDConfig, steps: int, evidence: dict | None = None) -> None:
-    """Write the chosen configuration (and the evidence it was chosen on) for :func:`kd_student`."""
-    from .cache import atomic_write_text
-
-    atomic_write_text(choice_path(ctx), json.dumps({"kd": asdict(cfg), "steps": int(steps),
-                                                    "evidence": evidence or {}}, indent=2, default=float))
-
-
-def kd_student(ctx):
-    """THE KD student the pruning / quantization / deployment sections start from.
-
-    Choice rule (applied by notebook 01 and recorded in ``<out_dir>/kd_choice.json``): among
-    the KD methods of the main comparison (the best KL setting of the temperature / weight
-    sweep, MSE, KL + features, CWD), the one with the highest mean validation mIoU over
-    ``ctx.profile.seeds``; the main student (:data:`MAIN_STUDENT`) distilled with it for
-    :func:`kd_steps` steps at the context seed. When notebook 01 has not run yet for this
-    build folder and profile, :data:`FALLBACK_CHOICE` (KL, T=2, weight 1) is used and a
-    note is printed. Ties and the fact that the choice uses validation data are disclosed
-    in notebook 01.
-
-    Returns:
-        ``(model, scores)``: plain student in eval mode; scores as :func:`distill_student`'s
-        record plus ``kd_choice_source`` (``"notebook 01"`` or ``"fallback"``).
-    """
-    path = choice_path(ctx)
-    if path.exists():
-        data = json.loads(path.read_text())
-        cfg, steps, src = KDConfig(**data["kd"]), int(data["steps"]), "notebook 01"
-    else:
-        print(f"kd_student: {path} not found (notebook 01_distillation has not run for this build "
-              f"folder / profile); using the fallback {FALLBACK_CHOICE}")
-        cfg, steps, src = KDConfig(**FALLBACK_CHOICE), kd_steps(ctx.profile), "fallback"
-    model, rec = distill_student(ctx, MAIN_STUDENT, cfg, steps=steps)
-    return model, {**rec, "kd_choice_source": src}
-
-
-# --------------------------------------------------------------------------- notebook 01 plan
-
-#: KL temperatures and KD weights swept by notebook 01 (KL only; see :func:`sweep_plan`).
-SWEEP_TEMPERATURES = (1.0, 2.0, 4.0)
-SWEEP_WEIGHTS = (0.5, 1.0, 2.0)
-#: Fixed a priori, not tuned here: CWD temperature / weight and the FitNets hint weight.
-CWD_TEMPERATURE, CWD_WEIGHT = 4.0, 3.0
-FEAT_WEIGHT = 1.0
-
-
-def sweep_plan(profile) -> dict:
-    """What notebook 01 trains for ``profile`` (deterministic, so other code can reproduce it).
-
-    1. KL temperature sweep: ``KDConfig("kl", T, 1.0)`` for T in :data:`SWEEP_TEMPERATURES`
-       (context seed); 2. KL weight sweep at the best T: weights :data:`SWEEP_WEIGHTS`;
-       3. main comparison over ``profile.seeds``: none, best KL, MSE (weight 1, source 000),
-       KL + FitNets hints (best KL + ``FEAT_WEIGHT``), CWD (T=4, weight 3); 4. ResNet-18
-       student: none and the best KD method of step 3 (context seed only).
-    Every run trains :func:`kd_steps` steps.
-    """
-    return {"steps": kd_steps(profile), "temperatures": SWEEP_TEMPERATURES, "weights": SWEEP_WEIGHTS,
-            "seeds": tuple(profile.seeds), "cwd": KDConfig("cwd", CWD_TEMPERATURE, CWD_WEIGHT),
-            "mse": KDConfig("mse", 1.0, 1.0), "feat_weight": FEAT_WEIGHT}
-
-
-def main_configs(best_kl: KDConfig) -> dict:
-    """Method label -> :class:`KDConfig` of the main comparison, given the best KL setting."""
-    return {"none": KDConfig("none"), "kl": best_kl, "mse": KDConfig("mse", 1.0, 1.0),
-            "kl+feat": KDConfig("kl+feat", best_kl.temperature, best_kl.kd_weight, FEAT_WEIGHT),
-            "cwd": KDConfig("cwd", CWD_TEMPERATURE, CWD_WEIGHT)}
-
-
-def summarize(records: Sequence[dict], class_names: Sequence[str]) -> dict:
-    """Mean / std over runs (seeds) of one configuration.
-
-    Args:
-        records: :func:`distill_student` records of the same configuration.
-        class_names: names of the classes in ``per_class_iou`` order.
-
-    Returns:
-        dict with ``miou``, ``miou_std`` (sample std, ddof=1; NaN for one run), ``mdice``,
-        ``seeds`` (count), ``train_seconds`` (mean, s), ``per_class_iou`` (nan-mean per
-        class, list) and ``iou_<class>`` for every class.
-    """
-    import warnings
-
-    import numpy as np
-
-    m = np.array([r["miou"] for r in records], float)
-    pc = np.array([r["per_class_iou"] for r in records], float)
-    with warnings.catch_warnings():  # a class absent from every run gives NaN, not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        pcm = np.nanmean(pc, axis=0)
-    out = {"miou": float(m.mean()), "miou_std": float(m.std(ddof=1)) if len(m) > 1 else float("nan"),
-           "mdice": float(np.mean([r["mdice"] for r in records])), "seeds": len(records),
-           "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
-           "per_class_iou": [float(x) for x in pcm]}
-    out.update({f"iou_{c}": float(v) for c, v in zip(class_names, pcm)})
-    return out
+__all__ = ["METHODS", "kd_kl", "kd_mse", "cwd_loss", "FeatureAdapters", "feature_mse", "KDConfig", "KDStudent",
+           "make_kd_loss"]

@@ -3,8 +3,8 @@
 Every model maps a float32 image batch ``(N, 3, H, W)`` to float32 logits
 ``(N, num_classes, H, W)``: the bilinear upsampling to the input size happens inside
 the model, so ``forward`` returns one plain tensor (what ONNX export and torch-pruning
-need). Weights are always randomly initialised (``pretrained=False``): nothing is
-downloaded.
+need). Weights are random unless ``create_model(name, pretrained=True, weights_dir=...)``
+loads the encoder's ImageNet checkpoint (:data:`PRETRAINED_ENCODERS`).
 
 Registered models (``list_models()``):
 
@@ -42,13 +42,23 @@ same windows as PyTorch's adaptive pooling); in eager mode it calls
 from __future__ import annotations
 
 import dataclasses
-import time
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
+from safetensors import safe_open
+from timm.layers import DropPath
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import NUM_CLASSES
 
@@ -56,7 +66,8 @@ __all__ = [
     "register_model", "create_model", "list_models", "model_complexity", "count_params",
     "UPerNet", "UPerHead", "DeepLabV3Plus", "TopFormer", "UPerNetConfig",
     "DeepLabV3PlusConfig", "TopFormerConfig", "adaptive_avg_pool", "conv_bn_act",
-    "cpu_latency_ms",
+    "gmacs", "model_fingerprint", "PRETRAINED_ENCODERS", "TOPFORMER_CHECKPOINTS", "WeightsError",
+    "pretrained_weights_file", "check_pretrained",
 ]
 
 # --------------------------------------------------------------------------- registry
@@ -91,23 +102,124 @@ def list_models() -> list[str]:
     return sorted(_MODEL_REGISTRY)
 
 
-def create_model(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> nn.Module:
-    """Build a registered model with random weights.
+#: Registry name -> the timm ImageNet-1k encoder checkpoint (``<timm name>.<tag>``) its
+#: backbone loads with ``pretrained=True`` (source 000 and 002 start from these).
+PRETRAINED_ENCODERS = {
+    "upernet_mobilevit_s": "mobilevit_s.cvnets_in1k",
+    "upernet_resnet18": "resnet18.a1_in1k",
+    "upernet_swinv2_t": "swinv2_tiny_window8_256.ms_in1k",
+    "deeplabv3plus_mobilenetv2": "mobilenetv2_100.ra_in1k",
+}
+#: TopFormer's official ImageNet checkpoints (release file names of the TopFormer code),
+#: looked for in ``<weights_dir>/topformer/``.
+TOPFORMER_CHECKPOINTS = {
+    "topformer_t": "topformer-T-224-66.2.pth",
+    "topformer_s": "topformer-S-224-72.3.pth",
+    "topformer_b": "topformer-B-224-75.3.pth",
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class WeightsError(FileNotFoundError):
+    """Pretrained weights are missing or unusable; the message names the file expected and
+    the command that fetches it."""
+
+
+def _check_checkpoint_covers(state: dict, file, what: str) -> None:
+    """Raise :class:`WeightsError` unless ``file`` holds >= 90 % of ``state``'s tensors by name
+    and shape (timm loads encoder checkpoints non-strictly and would skip a wrong file)."""
+    file = str(file)
+    if file.endswith(".safetensors"):
+        with safe_open(file, framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    else:
+        shapes = {k: tuple(v.shape) for k, v in torch.load(file, map_location="cpu", weights_only=True).items()
+                  if hasattr(v, "shape")}
+    keys = [k for k in state if not k.endswith(("num_batches_tracked", "relative_position_index",
+                                                "relative_coords_table", "attn_mask"))]
+    hit = sum(1 for k in keys if shapes.get(k) == tuple(state[k].shape))
+    if hit < 0.9 * len(keys):
+        raise WeightsError(f"{what}: checkpoint {file} holds only {hit}/{len(keys)} of the encoder's tensors "
+                           f"with matching names and shapes: it is not this encoder's checkpoint")
+
+
+def pretrained_weights_file(name: str, weights_dir: str | os.PathLike) -> Path:
+    """The local checkpoint file of model ``name``'s ImageNet encoder under ``weights_dir``.
+
+    Layout (what ``huggingface-cli download timm/<n>.<tag> --local-dir DIR/<n>.<tag>``
+    writes): ``DIR/<timm name>.<tag>/model.safetensors`` (or ``pytorch_model.bin``);
+    TopFormer: ``DIR/topformer/<official release file>``.
+
+    Raises:
+        WeightsError: no such file (the message gives the path and the download command),
+            or ``name`` has no pretrained encoder.
+    """
+    root = Path(weights_dir)
+    if name in TOPFORMER_CHECKPOINTS:
+        f = root / "topformer" / TOPFORMER_CHECKPOINTS[name]
+        if not f.is_file():
+            raise WeightsError(f"{name}: expected TopFormer's ImageNet checkpoint at {f}; download "
+                               f"{TOPFORMER_CHECKPOINTS[name]} from the TopFormer release (hustvl/TopFormer, "
+                               f"'modelzoos/classification') into {root / 'topformer'}")
+        return f
+    if name not in PRETRAINED_ENCODERS:
+        raise WeightsError(f"{name}: no pretrained encoder is defined (known: {', '.join(PRETRAINED_ENCODERS)})")
+    ck = PRETRAINED_ENCODERS[name]
+    for fname in WEIGHT_FILES:
+        if (root / ck / fname).is_file():
+            return root / ck / fname
+    raise WeightsError(f"{name}: expected {root / ck / WEIGHT_FILES[0]} (or {WEIGHT_FILES[1]}); fetch it with "
+                       f"`huggingface-cli download timm/{ck} --local-dir {root / ck}`")
+
+
+def check_pretrained(names, weights_dir: str | os.PathLike | None) -> dict:
+    """Resolve the encoder checkpoints of ``names`` before any training starts.
+
+    Returns:
+        ``{name: Path or None}`` (None: timm fetches it from the hub, ``weights_dir`` unset).
+
+    Raises:
+        WeightsError: one message listing every missing file and its download command.
+    """
+    out, missing = {}, []
+    for n in names:
+        if weights_dir is None:
+            out[n] = None
+            continue
+        try:
+            out[n] = pretrained_weights_file(n, weights_dir)
+        except WeightsError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise WeightsError("pretrained weights missing:\n  " + "\n  ".join(missing))
+    return out
+
+
+def create_model(name: str, num_classes: int = NUM_CLASSES, pretrained: bool = False,
+                 weights_dir: str | os.PathLike | None = None, **kwargs) -> nn.Module:
+    """Build a registered model, with random weights or an ImageNet-pretrained encoder.
 
     Args:
         name: registry name (see :func:`list_models`).
         num_classes: number of output channels of the logits (positive int).
+        pretrained: load the encoder's ImageNet weights (:data:`PRETRAINED_ENCODERS`,
+            through timm; TopFormer: its official checkpoint, needs ``weights_dir``). The
+            decoder always starts random, as in sources 000 and 002.
+        weights_dir: folder of local checkpoints (see :func:`pretrained_weights_file`);
+            None with ``pretrained`` lets timm use the Hugging Face hub / its cache.
         **kwargs: builder-specific options, e.g. ``img_size`` for ``upernet_swinv2_t``,
             ``aspp_rates`` for ``deeplabv3plus_mobilenetv2``, ``drop_path_rate`` for
             TopFormer.
 
     Returns:
         ``nn.Module`` in training mode; ``forward(x)`` maps float32 ``(N, 3, H, W)`` to
-        float32 logits ``(N, num_classes, H, W)``.
+        float32 logits ``(N, num_classes, H, W)``. ``model.pretrained`` says which start.
 
     Raises:
         ValueError: unknown ``name`` (the message lists the known names), non-positive
-            ``num_classes``, or ``pretrained=True`` (no weights can be downloaded).
+            ``num_classes``.
+        WeightsError: ``pretrained`` and the checkpoint is missing (the message names the
+            file and the command that fetches it).
         TypeError: an option the builder does not accept.
     """
     if name not in _MODEL_REGISTRY:
@@ -115,11 +227,19 @@ def create_model(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> nn.Modu
                          f"{', '.join(list_models())}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"create_model: num_classes must be a positive int, got {num_classes!r}")
-    if kwargs.pop("pretrained", False):
-        raise ValueError("create_model: pretrained=True is not supported (no weights can be "
-                         "downloaded in this study; every model trains from scratch)")
     model = _MODEL_REGISTRY[name](num_classes=num_classes, **kwargs)
     model.model_name = name
+    model.pretrained = bool(pretrained)
+    if pretrained:
+        file = check_pretrained([name], weights_dir)[name]
+        if name in TOPFORMER_CHECKPOINTS:
+            if file is None:
+                raise WeightsError(f"{name}: TopFormer's checkpoint is not on the timm hub; pass weights_dir "
+                                   f"holding topformer/{TOPFORMER_CHECKPOINTS[name]}")
+            model.backbone.load_pretrained(file)
+        else:
+            tag = PRETRAINED_ENCODERS[name].split(".", 1)[1]
+            model.backbone.load_pretrained(tag, file)
     return model
 
 
@@ -216,13 +336,31 @@ class TimmFeatures(nn.Module):
 
     def __init__(self, name: str, out_indices: Sequence[int], nhwc: bool = False, **kwargs):
         super().__init__()
-        import timm
 
         self.body = timm.create_model(name, pretrained=False, features_only=True,
                                       out_indices=tuple(out_indices), **kwargs)
+        self.timm_name = name
+        self._timm_kwargs = {"features_only": True, "out_indices": tuple(out_indices), **kwargs}
         self.channels = list(self.body.feature_info.channels())
         self.reductions = list(self.body.feature_info.reduction())
         self.nhwc = nhwc
+
+    def load_pretrained(self, tag: str, file: str | None = None) -> None:
+        """Load timm's ImageNet weights ``<timm_name>.<tag>`` into this backbone.
+
+        ``file``: a local ``model.safetensors`` / ``pytorch_model.bin``; None lets timm
+        fetch them from the Hugging Face hub (its cache and ``HF_HUB_OFFLINE=1`` apply).
+        timm's own checkpoint filter adapts them (e.g. Swin-V2's position tables to
+        ``img_size``).
+        """
+
+        overlay = {"pretrained_cfg_overlay": {"file": str(file)}} if file else {}
+        if file:
+            bare = timm.create_model(self.timm_name, pretrained=False, **{
+                k: v for k, v in self._timm_kwargs.items() if k not in ("features_only", "out_indices")})
+            _check_checkpoint_covers(bare.state_dict(), file, f"{self.timm_name}.{tag}")
+        src = timm.create_model(f"{self.timm_name}.{tag}", pretrained=True, **self._timm_kwargs, **overlay)
+        self.body.load_state_dict(src.state_dict())
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.body(x)
@@ -242,15 +380,28 @@ class MobileViTFeatures(nn.Module):
 
     def __init__(self, name: str = "mobilevit_s"):
         super().__init__()
-        import timm
 
         m = timm.create_model(name, pretrained=False, num_classes=0)
+        self.timm_name = name
         self.stem = m.stem
         self.stages = m.stages
         info = m.feature_info  # list of dicts, one per stage (+ final conv)
         self.channels = [int(info[i]["num_chs"]) for i in range(1, 5)]
         self.channels[-1] = _last_out_channels(self.stages[4])
         self.reductions = [4, 8, 16, 32]
+
+    def load_pretrained(self, tag: str, file: str | None = None) -> None:
+        """Load timm's ImageNet weights ``<timm_name>.<tag>`` into the stem and stages
+        (see :meth:`TimmFeatures.load_pretrained`)."""
+
+        overlay = {"pretrained_cfg_overlay": {"file": str(file)}} if file else {}
+        if file:
+            bare = {f"stem.{k}": v for k, v in self.stem.state_dict().items()}
+            bare.update({f"stages.{k}": v for k, v in self.stages.state_dict().items()})
+            _check_checkpoint_covers(bare, file, f"{self.timm_name}.{tag}")
+        src = timm.create_model(f"{self.timm_name}.{tag}", pretrained=True, num_classes=0, **overlay)
+        self.stem.load_state_dict(src.stem.state_dict())
+        self.stages.load_state_dict(src.stages.state_dict())
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -715,7 +866,6 @@ class TopFormerBlock(nn.Module):
 
     def __init__(self, dim: int, cfg: TopFormerConfig, drop_path: float):
         super().__init__()
-        from timm.layers import DropPath
 
         self.attn = TopFormerAttention(dim, cfg.key_dim, cfg.num_heads, cfg.attn_ratio)
         self.mlp = TopFormerMlp(dim, dim * cfg.mlp_ratio)
@@ -748,6 +898,45 @@ class SemanticInjection(nn.Module):
         return self.local_embedding(x_local) * sig + glob
 
 
+_TOPFORMER_RULES = (
+    (re.compile(r"^tpm\.stem\.0\.c\."), lambda m: "tpm.stem.0."),
+    (re.compile(r"^tpm\.stem\.0\.bn\."), lambda m: "tpm.stem.1."),
+    (re.compile(r"^tpm\.layer(\d+)\.conv\.(\d+)\.(c|bn)\."),
+     lambda m: f"tpm.blocks.{int(m[1]) - 1}.conv.{int(m[2]) // 2}.{0 if m[3] == 'c' else 1}."),
+    (re.compile(r"^trans\.transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v)\.(c|bn)\."),
+     lambda m: f"trans.{m[1]}.attn.{m[2]}.{0 if m[3] == 'c' else 1}."),
+    (re.compile(r"^trans\.transformer_blocks\.(\d+)\.attn\.proj\.1\.(c|bn)\."),
+     lambda m: f"trans.{m[1]}.attn.proj.1.{0 if m[2] == 'c' else 1}."),
+    (re.compile(r"^trans\.transformer_blocks\.(\d+)\.mlp\.(fc1|fc2)\.(c|bn)\."),
+     lambda m: f"trans.{m[1]}.mlp.{m[2]}.{0 if m[3] == 'c' else 1}."),
+    (re.compile(r"^trans\.transformer_blocks\.(\d+)\.mlp\.dwconv\."), lambda m: f"trans.{m[1]}.mlp.dwconv."),
+    (re.compile(r"^SIM\.(\d+)\.(local_embedding|global_embedding|global_act)\.(conv|bn)\."),
+     lambda m: f"sim.{m[1]}.{m[2]}.{0 if m[3] == 'conv' else 1}."),
+)
+
+
+def topformer_official_to_ours(state: dict) -> dict:
+    """Rename a state dict from the official TopFormer code's layout to :class:`TopFormerBackbone`'s.
+
+    Official names (Zhang et al., CVPR 2022, reference code): ``tpm.stem.0.{c,bn}``,
+    ``tpm.layer<i>.conv.<j>.{c,bn}`` (j counts activations too), ``trans.transformer_blocks.
+    <b>.{attn.to_q|to_k|to_v|proj.1, mlp.fc1|fc2}.{c,bn}``, ``mlp.dwconv``,
+    ``SIM.<i>.<embedding>.{conv,bn}``; a ``backbone.`` / ``module.`` prefix is stripped.
+    Keys matching no rule (e.g. the ImageNet classifier) are dropped.
+    """
+    out = {}
+    for key, value in state.items():
+        k = key
+        for prefix in ("module.", "backbone."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        for pattern, repl in _TOPFORMER_RULES:
+            m = pattern.match(k)
+            if m:
+                out[repl(m) + k[m.end():]] = value
+                break
+    return out
+
+
 class TopFormerBackbone(nn.Module):
     """Token pyramid -> pool all scales to 1/(32*c2t_stride) and concat -> transformer
     blocks -> split back by channel slicing -> semantic injection into scales 1..3.
@@ -767,6 +956,40 @@ class TopFormerBackbone(nn.Module):
         self.trans = nn.Sequential(*[TopFormerBlock(dim, cfg, dpr[i]) for i in range(cfg.depth)])
         self.sim = nn.ModuleDict({str(i): SemanticInjection(self.channels[i], cfg.out_channels)
                                   for i in cfg.decode_out_indices})
+
+    def load_pretrained(self, file: str | os.PathLike) -> dict:
+        """Load TopFormer's official ImageNet checkpoint (``topformer-{T,S,B}-224-*.pth``).
+
+        The file's ``state_dict_ema`` (else ``state_dict``, ``model`` or the dict itself)
+        is renamed from the official layout to this module's by :func:`topformer_official_to_ours`
+        and loaded non-strictly (the classifier is dropped; the semantic-injection modules
+        are not in the ImageNet checkpoint and stay random, as in the official code).
+
+        Returns:
+            dict with ``loaded`` and ``total`` tensor counts.
+
+        Raises:
+            WeightsError: unreadable file, or fewer than 90 % of the token-pyramid and
+                transformer tensors found with matching shapes (wrong variant or layout).
+        """
+        try:
+            ck = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file's name
+            raise WeightsError(f"cannot read TopFormer checkpoint {file}: {exc}") from exc
+        for key in ("state_dict_ema", "state_dict", "model"):
+            if isinstance(ck, dict) and key in ck and isinstance(ck[key], dict):
+                ck = ck[key]
+                break
+        mapped = topformer_official_to_ours(ck)
+        own = self.state_dict()
+        ok = {k: v for k, v in mapped.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+        core = [k for k in own if k.startswith(("tpm.", "trans."))]
+        found = sum(1 for k in core if k in ok)
+        if found < 0.9 * len(core):
+            raise WeightsError(f"TopFormer checkpoint {file}: only {found}/{len(core)} backbone tensors match "
+                               f"this {self.cfg.channels} variant (wrong variant or key layout)")
+        self.load_state_dict(ok, strict=False)
+        return {"loaded": len(ok), "total": len(own)}
 
     def forward_all(self, x: torch.Tensor):
         pyr = self.tpm(x)
@@ -864,6 +1087,68 @@ _ATTN_OPS = ("bmm", "baddbmm", "_scaled_dot_product")
 _LINEAR_OPS = ("mm", "addmm")
 
 
+def _check_hw(input_hw, where: str) -> None:
+    if (not isinstance(input_hw, (tuple, list)) or len(input_hw) != 2
+            or not all(isinstance(v, int) and v > 0 for v in input_hw)):
+        raise ValueError(f"{where}: input_hw must be (H, W) positive ints, got {input_hw!r}")
+
+
+def _aten_counter(model: nn.Module, input_hw: Sequence[int], also=None):
+    """Run ``model`` on one zero image under ``FlopCounterMode`` (SDPA on the math backend);
+    ``also(model, x)`` runs first, inside ``no_grad``. Returns the counter."""
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        x = torch.zeros(1, 3, *input_hw, device=device)
+        with torch.no_grad():
+            if also is not None:
+                also(model, x)
+            counter = FlopCounterMode(display=False)
+            # The CPU flash-attention kernel behind F.scaled_dot_product_attention has
+            # no FLOP formula (its MACs would silently count as 0); the math backend
+            # decomposes it into bmm, which is counted.
+            with counter, sdpa_kernel([SDPBackend.MATH]):
+                model(x)
+    finally:
+        model.train(was_training)
+    return counter
+
+
+def gmacs(model: nn.Module, input_hw: Sequence[int]) -> float:
+    """MACs of one ``(1, 3, H, W)`` float32 image, in GMACs (1e9 multiply-accumulates).
+
+    The study's one MACs counter: ``torch.utils.flop_counter.FlopCounterMode`` at the aten
+    level (every conv / mm / bmm, attention included), FLOPs / 2. It is the ``gmacs``
+    column of every table; :func:`model_complexity` adds a second, independent counter
+    for cross-checking.
+
+    Raises:
+        ValueError: bad ``input_hw``.
+    """
+    _check_hw(input_hw, "gmacs")
+    return _aten_counter(model, input_hw).get_total_flops() / 2 / 1e9
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex chars) identifying a model's exact weights and shapes.
+
+    Hashes every state-dict entry's name, shape, dtype and bytes, plus the model's class
+    and any ``segcompress_*`` attribute (the pruning record of :mod:`study.prune`), so a
+    physically pruned model and a masked one differ. The study's one model identity: every
+    cache key that depends on a model includes it.
+    """
+    h = hashlib.sha256(type(model).__name__.encode())
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    extra = {k: v for k, v in vars(model).items() if k.startswith("segcompress_")}
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def model_complexity(model: nn.Module, input_hw: Sequence[int] = (128, 128)) -> dict:
     """Parameters and MACs of ``model`` for one image of size ``input_hw``.
 
@@ -892,35 +1177,21 @@ def model_complexity(model: nn.Module, input_hw: Sequence[int] = (128, 128)) -> 
     Raises:
         ValueError: bad ``input_hw``.
     """
-    import torch_pruning as tp
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
-    if (not isinstance(input_hw, (tuple, list)) or len(input_hw) != 2
-            or not all(isinstance(v, int) and v > 0 for v in input_hw)):
-        raise ValueError(f"model_complexity: input_hw must be (H, W) positive ints, got {input_hw!r}")
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        x = torch.zeros(1, 3, *input_hw, device=device)
-        with torch.no_grad():
-            macs_tp, _ = tp.utils.count_ops_and_params(model, x)
-            counter = FlopCounterMode(display=False)
-            # The CPU flash-attention kernel behind F.scaled_dot_product_attention has
-            # no FLOP formula (its MACs would silently count as 0); the math backend
-            # decomposes it into bmm, which is counted.
-            with counter, sdpa_kernel([SDPBackend.MATH]):
-                model(x)
-    finally:
-        model.train(was_training)
+    _check_hw(input_hw, "model_complexity")
+    box = {}
+
+    def count_tp(m, x):
+        box["tp"], _ = tp.utils.count_ops_and_params(m, x)
+
+    counter = _aten_counter(model, input_hw, also=count_tp)
+    macs_tp = box["tp"]
     total = counter.get_total_flops()
     by_op: dict[str, int] = {}
     for op, n in counter.get_flop_counts().get("Global", {}).items():
         key = str(op).split(".")[1] if "." in str(op) else str(op)
         by_op[key] = by_op.get(key, 0) + int(n)
     attn_macs = sum(n for op, n in by_op.items() if op.startswith(_ATTN_OPS)) / 2
-    linear_macs = sum(n for op, n in by_op.items() if op.startswith(_LINEAR_OPS)) / 2
     fc = total / 2
     rel = abs(fc - macs_tp) / fc if fc else 0.0
     note = ""
@@ -949,21 +1220,3 @@ def model_complexity(model: nn.Module, input_hw: Sequence[int] = (128, 128)) -> 
         "rel_diff": rel,
         "note": note,
     }
-
-
-def cpu_latency_ms(model: nn.Module, input_hw: Sequence[int] = (128, 128), runs: int = 5,
-                   warmup: int = 2) -> float:
-    """Informal median eager CPU forward time (ms) for batch 1 at ``input_hw`` (eval mode,
-    ``torch.no_grad``). For real benchmarks use ``study.bench``."""
-    was_training = model.training
-    model.eval()
-    x = torch.randn(1, 3, *input_hw)
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    model.train(was_training)
-    return sorted(times)[len(times) // 2]

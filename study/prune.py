@@ -34,29 +34,63 @@ Importance criteria:
   2019): :math:`I_c = \\sum_{W\\in G}\\sum_i |g_i w_i|` with :math:`g = \\partial L/\\partial w`
   accumulated over a few calibration batches (cross-entropy loss).
 * ``"random"`` - uniform random scores (a control).
+
+Iterative pruning (prune a little, re-rank, prune again) is :func:`prune_iteratively`
+with the schedules of :func:`sparsity_schedule` (one-shot, linear, cubic / AGP) and the
+equal fine-tune budget split of :func:`finetune_split`; the caller fine-tunes between
+steps through a callback. :func:`keep_pruned_zeros` fine-tunes a masked model without
+letting its zeros grow back.
+
+Example (no data set, no cache needed)::
+
+    import copy, torch
+    from study import models, prune
+
+    dense = models.create_model("upernet_mobilevit_s").eval()
+    small = prune.prune_structured(copy.deepcopy(dense), (128, 128), 0.45)   # DepGraph, L1
+    print(models.gmacs(dense, (128, 128)), "->", models.gmacs(small, (128, 128)))
+    prune.save_pruned(small, path="small.pt")
+    again = prune.load_pruned(lambda: models.create_model("upernet_mobilevit_s"), "small.pt")
+
+    masked = prune.prune_unstructured(copy.deepcopy(dense), 0.6)             # zeros only
+    with prune.keep_pruned_zeros(masked):
+        ...  # any optimizer loop: the zeros stay zero
+
+    it = prune.prune_iteratively(copy.deepcopy(dense), (128, 128),
+                                 prune.sparsity_schedule(0.45, 4, "cubic"),
+                                 between=lambda t, m: finetune(m))        # your fine-tune
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
+from torch.nn.utils import prune as tprune
 
 from . import IGNORE_INDEX
 from .cache import atomic_torch_save
 
 RECORD_ATTR = "segcompress_prune"
 FORMAT = "segcompress-prune-v1"
+#: Channel importance criteria of :func:`prune_structured` and :func:`prune_iteratively`.
 IMPORTANCES = ("magnitude", "taylor", "random")
+#: Sparsity schedules of :func:`sparsity_schedule`.
+SCHEDULES = ("oneshot", "linear", "cubic")
 
 
 # --------------------------------------------------------------------------- helpers
 def _check_sparsity(value, name: str = "sparsity") -> float:
     """Validate a pruning ratio in [0, 1); raise ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -64,6 +98,12 @@ def _check_sparsity(value, name: str = "sparsity") -> float:
     if not (0.0 <= v < 1.0) or math.isnan(v):
         raise ValueError(f"{name} must be in [0, 1) (fraction of channels removed), got {value!r}")
     return v
+
+
+def _check_steps(value, name: str = "steps") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int (number of prune/fine-tune steps k), got {value!r}")
+    return value
 
 
 def _record(model: nn.Module) -> list:
@@ -136,8 +176,6 @@ def _accumulate_grads(model: nn.Module, batches: Iterable, loss_fn: Callable | N
 
 
 def _make_importance(importance: str):
-    import torch_pruning as tp
-
     if importance == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=1)  # L1 filter norm (Li et al. 2017)
     if importance == "taylor":
@@ -199,6 +237,12 @@ def _example_inputs(example_inputs, model) -> torch.Tensor:
     return example_inputs.to(_first_param(model).device)
 
 
+def _tp_step(x: torch.Tensor, history, **info) -> dict:
+    """A replayable ``"tp"`` record step: torch-pruning history + traced input size."""
+    return {"kind": "tp", "input_hw": [int(x.shape[-2]), int(x.shape[-1])],
+            "history": [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in history], **info}
+
+
 def prune_structured(model: nn.Module, example_inputs, sparsity: float, importance: str = "magnitude",
                      global_pruning: bool = False, ignored_layers: Sequence[nn.Module] | None = None,
                      round_to: int | None = None, calib_batches: Iterable | None = None,
@@ -240,8 +284,6 @@ def prune_structured(model: nn.Module, example_inputs, sparsity: float, importan
         ValueError: ``sparsity`` outside [0, 1) (message names ``sparsity``), unknown
             ``importance``, ``"taylor"`` without ``calib_batches``, bad ``example_inputs``.
     """
-    import torch_pruning as tp
-
     sparsity = _check_sparsity(sparsity, "sparsity")
     imp = _make_importance(importance)
     if importance == "taylor" and calib_batches is None:
@@ -271,12 +313,10 @@ def prune_structured(model: nn.Module, example_inputs, sparsity: float, importan
     model.zero_grad(set_to_none=True)
     _fix_attention(model, before, pruner.num_heads, keep_scale=keep_attention_scale)
     model.train(was_training)
-    _record(model).append({
-        "kind": "tp", "input_hw": [int(x.shape[-2]), int(x.shape[-1])],
-        "history": [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in pruner.pruning_history()],
-        "attention": {n: [m.num_heads, m.head_dim] for n, m in attention_modules(model).items()},
-        "sparsity": sparsity, "importance": importance, "prune_heads": bool(prune_heads),
-    })
+    _record(model).append(_tp_step(
+        x, pruner.pruning_history(),
+        attention={n: [m.num_heads, m.head_dim] for n, m in attention_modules(model).items()},
+        sparsity=sparsity, importance=importance, prune_heads=bool(prune_heads)))
     return model
 
 
@@ -303,8 +343,6 @@ def prune_unstructured(model: nn.Module, sparsity: float, include_classifier: bo
     Raises:
         ValueError: ``sparsity`` outside [0, 1).
     """
-    from torch.nn.utils import prune as tprune
-
     sparsity = _check_sparsity(sparsity, "sparsity")
     mods = _maskable(model, include_classifier)
     if sparsity > 0 and mods:
@@ -326,8 +364,6 @@ def prune_filter_norm_masks(model: nn.Module, sparsity: float, include_classifie
     Raises:
         ValueError: ``sparsity`` outside [0, 1).
     """
-    from torch.nn.utils import prune as tprune
-
     sparsity = _check_sparsity(sparsity, "sparsity")
     if sparsity == 0:
         return model
@@ -345,6 +381,51 @@ def zero_fraction(model: nn.Module, include_classifier: bool = False) -> float:
         tot += m.weight.numel()
         zeros += int((m.weight == 0).sum())
     return zeros / max(tot, 1)
+
+
+@contextlib.contextmanager
+def keep_pruned_zeros(model: nn.Module) -> Iterator[dict]:
+    """Fine-tune a masked model without letting its zeros grow back.
+
+    On entry, every weight tensor (``dim > 1``) that holds exact zeros gets the mask
+    ``p != 0`` and a post-accumulate-grad hook that multiplies its gradient by the mask.
+    Under SGD / Adam / AdamW a zero weight then stays exactly zero at every step: zero
+    gradient, zero moments, and decoupled weight decay scales 0 to 0. On exit the hooks are
+    removed and the masks re-applied (a safety net for optimizers that would move a weight
+    without a gradient).
+
+    Example::
+
+        prune.prune_unstructured(model, 0.6)
+        with prune.keep_pruned_zeros(model):
+            train(model, ...)          # any optimizer loop
+        assert prune.zero_fraction(model) >= 0.6
+
+    Args:
+        model: a model pruned by :func:`prune_unstructured` / :func:`prune_filter_norm_masks`
+            (or any model; tensors without zeros are left alone).
+
+    Yields:
+        ``{param_name: bool tensor}``, the masks (True = weight kept), same shapes and
+        devices as the parameters.
+    """
+    params = dict(model.named_parameters())
+    masks = {n: (p != 0) for n, p in params.items() if p.dim() > 1 and (p == 0).any()}
+
+    def keep_zero(mask):
+        def hook(p):
+            p.grad.mul_(mask)
+        return hook
+
+    handles = [params[n].register_post_accumulate_grad_hook(keep_zero(m)) for n, m in masks.items()]
+    try:
+        yield masks
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for n, m in masks.items():
+                params[n].mul_(m)
 
 
 # --------------------------------------------------------------------------- heads
@@ -697,8 +778,6 @@ def prune_mlp_hidden(model: nn.Module, sparsity: float, importance: str = "magni
 
 # --------------------------------------------------------------------------- save / load
 def _replay(model: nn.Module, steps: list) -> None:
-    import torch_pruning as tp
-
     for st in steps:
         kind = st["kind"]
         if kind == "tp":
@@ -836,8 +915,6 @@ def stage_sensitivity(model: nn.Module, eval_fn: Callable[[nn.Module], float], s
         DataFrame with columns ``stage, prefix, sparsity, params_m, params_m_base,
         miou_base, miou, miou_drop`` (params in millions).
     """
-    import pandas as pd
-
     sparsity = _check_sparsity(sparsity, "sparsity")
     if not isinstance(stages, dict):
         stages = {str(s): s for s in stages}
@@ -855,190 +932,190 @@ def stage_sensitivity(model: nn.Module, eval_fn: Callable[[nn.Module], float], s
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------- study section helpers
-#: Methods of the pruning sections and what they do to the tensors.
-METHOD_KIND = {
-    "unstructured": "masked (zeros only)",
-    "filter_norm_masks": "masked (zeros only)",
-    "structured_magnitude": "physical (DepGraph channels)",
-    "structured_taylor": "physical (DepGraph channels)",
-    "structured_random": "physical (DepGraph channels)",
-    "mlp_hidden": "physical (MLP hidden units)",
-    "heads": "physical (heads removed)",
-    "head_dim": "physical (head dims removed)",
-    "repartition": "re-partition (width unchanged)",
-}
+# --------------------------------------------------------------------------- iterative
+def sparsity_schedule(final_sparsity: float, steps: int, kind: str = "linear") -> list[float]:
+    r"""Cumulative channel sparsity after each of ``steps`` pruning steps.
 
+    Sparsity is the fraction of each group's channels removed, relative to the original
+    widths. ``"linear"``: :math:`s_t = s_f t/n`; ``"cubic"`` (automated gradual pruning,
+    AGP, Zhu & Gupta 2017, "To prune, or not to prune"):
+    :math:`s_t = s_f + (s_i - s_f)(1 - t/n)^3` with :math:`s_i = 0`, which removes most
+    channels early; ``"oneshot"``: :math:`s_t = s_f` for all t (with ``steps > 1`` the
+    later steps only fine-tune). The last entry is exactly ``final_sparsity``; the list is
+    non-decreasing.
 
-def apply_method(model: nn.Module, method: str, amount: float, input_hw: Sequence[int],
-                 calib_batches: list | None = None) -> nn.Module:
-    """Apply one pruning method of :data:`METHOD_KIND` in place.
+    Args:
+        final_sparsity: :math:`s_f` in [0, 1).
+        steps: number of steps :math:`n \ge 1`.
+        kind: ``"linear"`` | ``"cubic"`` | ``"oneshot"``.
 
-    ``amount`` is the sparsity for ``unstructured``, ``filter_norm_masks``, ``structured_*``
-    and ``mlp_hidden``; the heads kept for ``heads`` (Michel importance from
-    ``calib_batches``); the kept fraction of each head's dims for ``head_dim``; the new
-    head count for ``repartition``.
+    Returns:
+        list of ``steps`` floats in [0, final_sparsity].
 
     Raises:
-        ValueError: unknown ``method`` or a bad ``amount`` (see the called function).
+        ValueError: ``final_sparsity`` outside [0, 1), ``steps`` not a positive int, or
+            unknown ``kind`` (the message names the parameter).
     """
-    if method == "unstructured":
-        return prune_unstructured(model, amount)
-    if method == "filter_norm_masks":
-        return prune_filter_norm_masks(model, amount)
-    if method.startswith("structured_"):
-        imp = method.split("_", 1)[1]
-        return prune_structured(model, tuple(input_hw), amount, importance=imp,
-                                calib_batches=calib_batches if imp == "taylor" else None)
-    if method == "mlp_hidden":
-        return prune_mlp_hidden(model, amount)
-    if method == "heads":
-        imp = head_importance(model, calib_batches) if calib_batches else None
-        return prune_heads(model, int(amount), imp)
-    if method == "head_dim":
-        return prune_head_dim(model, amount)
-    if method == "repartition":
-        return repartition_heads(model, int(amount))
-    raise ValueError(f"method must be one of {tuple(METHOD_KIND)}, got {method!r}")
+    sf = _check_sparsity(final_sparsity, "final_sparsity")
+    n = _check_steps(steps)
+    if kind == "oneshot":
+        out = [sf] * n
+    elif kind == "linear":
+        out = [sf * t / n for t in range(1, n + 1)]
+    elif kind == "cubic":
+        out = [sf + (0.0 - sf) * (1.0 - t / n) ** 3 for t in range(1, n + 1)]
+    else:
+        raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}")
+    out[-1] = sf  # exact, whatever the float arithmetic
+    return [float(min(max(v, 0.0), sf)) for v in out]
 
 
-def state_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex) of the model's state_dict tensors (names, shapes, bytes)."""
-    import hashlib
+def finetune_split(total_steps: int, steps: int) -> list[int]:
+    """Fine-tune steps after each pruning step: ``total // k`` each, remainder to the last.
 
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    So every schedule of ``k`` steps gets the same total fine-tune budget.
 
+    Args:
+        total_steps: total optimizer steps (>= 0).
+        steps: number of pruning steps k (>= 1).
 
-def calib_from_loader(loader, n_batches: int) -> list:
-    """The first ``n_batches`` (images, masks) batches of ``loader`` as a list (CPU tensors)."""
-    out = []
-    for i, (x, y) in enumerate(loader):
-        if i >= n_batches:
-            break
-        out.append((x, y))
-    if not out:
-        raise ValueError("loader yielded no batch")
+    Returns:
+        list of ``steps`` non-negative ints summing to ``total_steps``.
+
+    Raises:
+        ValueError: ``total_steps`` negative / not an int (names ``total_finetune_steps``),
+            or bad ``steps``.
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
+        raise ValueError(f"total_finetune_steps must be a non-negative int, got {total_steps!r}")
+    n = _check_steps(steps)
+    out = [total_steps // n] * n
+    out[-1] += total_steps - sum(out)
     return out
 
 
-def pruned_variant(ctx, base: nn.Module, builder: Callable[[], nn.Module], method: str, amount: float, *,
-                   base_tag: str, input_hw: Sequence[int], ft_steps: int, val_loader, calib_batches=None):
-    """Prune a copy of ``base`` with ``method`` / ``amount``, evaluate, fine-tune, evaluate.
-
-    Cached with ``ctx.cache.memo`` (key: method, amount, ft_steps, profile, the base
-    weights' fingerprint, data fingerprint and the code of study.prune / train / models);
-    the entry holds the pruning history + state_dict (:func:`pruned_payload`) and scores,
-    so a cache hit rebuilds the pruned model with :func:`rebuild_pruned`.
-
-    Returns:
-        ``(model in eval mode, info)`` with ``miou_before_ft``, ``mdice_before_ft``,
-        ``scores`` (after fine-tuning, :func:`study.train.evaluate`), ``ft_steps``,
-        ``ft_seconds``.
-    """
-    from . import models as smodels
-    from . import train as strain
-
-    base_fp = state_fingerprint(base)
-    cfg = {"method": method, "amount": float(amount), "ft_steps": int(ft_steps), "base": base_tag,
-           "base_fp": base_fp, "input_hw": list(input_hw), "profile": ctx.profile.to_dict()}
-
-    fresh: dict = {}
-
-    def compute():
-        m = copy.deepcopy(base).to(ctx.device)
-        fresh["model"] = m
-        apply_method(m, method, amount, input_hw, calib_batches)
-        before = strain.evaluate(m, val_loader, progress=False)
-        import time as _t
-        t0 = _t.perf_counter()
-        if ft_steps > 0:
-            if method in ("unstructured", "filter_norm_masks"):
-                _finetune_masked(m, ctx, ft_steps)
-            else:
-                strain.finetune(m, ctx, ft_steps, progress=False)
-        ft_s = _t.perf_counter() - t0
-        after = strain.evaluate(m.eval(), val_loader, progress=False)
-        keep = ("miou", "mdice", "pixel_acc", "per_class_iou")
-        return {"payload": pruned_payload(m), "before": {k: before[k] for k in keep},
-                "after": {k: after[k] for k in keep}, "ft_seconds": ft_s}
-
-    rec = ctx.cache.memo(f"pruned-{base_tag}-{method}-{amount}", cfg, compute, seed=ctx.seed,
-                         data_fp=ctx.data_fp, code=[__import__(__name__, fromlist=["x"]), strain, smodels])
-    # just computed: use it (saves a second dependency-graph trace); else rebuild from the cache
-    model = fresh["model"].eval() if "model" in fresh else rebuild_pruned(builder, rec["payload"]).to(ctx.device).eval()
-    info = {"miou_before_ft": rec["before"]["miou"], "mdice_before_ft": rec["before"]["mdice"],
-            "scores": rec["after"], "ft_steps": int(ft_steps), "ft_seconds": float(rec["ft_seconds"])}
-    return model, info
+def channel_widths(model: nn.Module) -> dict:
+    """``{param_name: shape}`` of every parameter: compares the widths of two pruned models."""
+    return {k: tuple(v.shape) for k, v in model.named_parameters()}
 
 
-def _finetune_masked(model: nn.Module, ctx, steps: int) -> None:
-    """Fine-tune a masked model keeping its zeros at zero (masks re-applied after each step)."""
-    from . import train as strain
+def prune_iteratively(model: nn.Module, example_inputs, sparsities: Iterable[float], importance: str = "magnitude",
+                      between: Callable[[int, nn.Module], None] | None = None,
+                      before: Callable[[int, nn.Module], None] | None = None,
+                      calib_batches: Callable[[int], Iterable] | None = None,
+                      loss_fn: Callable | None = None) -> nn.Module:
+    """Prune ``model`` in place through cumulative sparsities, re-ranking channels at each step.
 
-    masks = {n: (p != 0) for n, p in model.named_parameters() if p.dim() > 1 and (p == 0).any()}
+    One torch-pruning ``MetaPruner`` (DepGraph, Fang et al. 2023) with
+    ``iterative_steps = len(sparsities)`` and a scheduler returning ``[0, *sparsities]``: at
+    step t every group keeps ``int(C0 * (1 - sparsities[t]))`` channels, ``C0`` its width
+    *before step 1*, so the final widths equal one-shot :func:`prune_structured` at
+    ``sparsities[-1]``. (Composing one-shot calls with per-step ratios
+    ``1 - (1-s_t)/(1-s_{t-1})`` would not: flooring at every step drifts, e.g. 64 channels
+    at ``s_f = 0.45`` in two linear steps give 34, not 35.) The importance is re-estimated
+    on the current, already pruned model at every step. Settings mirror
+    ``prune_structured`` (classifier never pruned, attention blocks pruned by head
+    dimension with ``num_heads`` kept, the softmax temperature folded into q); each step is
+    appended to :func:`pruning_record`, so the result can be saved with :func:`save_pruned`.
 
-    def reapply(*_a, **_k):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in masks:
-                    p.mul_(masks[n])
+    Example::
 
-    def keep_zero(m):
-        def hook(p):
-            p.grad.mul_(m)  # zeros stay zero under AdamW: zero grad, zero moments, zero decay
-        return hook
+        sched = prune.sparsity_schedule(0.45, 4, "cubic")     # [0.260, 0.394, 0.443, 0.45]
+        prune.prune_iteratively(model, (128, 128), sched, between=lambda t, m: finetune(m, 50))
 
-    handles = [p.register_post_accumulate_grad_hook(keep_zero(masks[n]))
-               for n, p in model.named_parameters() if n in masks]
-    try:
-        strain.finetune(model, ctx, steps, progress=False)
-    finally:
-        for h in handles:
-            h.remove()
-    reapply()
-
-
-def measure_model(model: nn.Module, input_hw: Sequence[int], ctx, onnx_path: str | Path | None = None,
-                  bench: bool = True) -> dict:
-    """Params (M), GMACs (two counters), torch and ORT batch-1 latency (ms) of ``model``.
-
-    Uses :func:`study.models.model_complexity`, :func:`study.bench.benchmark_torch`,
-    :func:`study.quant.export_onnx` + :func:`study.bench.benchmark_onnx` with the
-    profile's benchmark settings (2 threads). An export / ORT failure gives NaN ORT columns
-    and the error text in ``ort_error``.
+    Args:
+        model: float segmenter ``(N,3,H,W) -> (N,C,H,W)``; modified in place and returned.
+        example_inputs: ``(N,3,H,W)`` float tensor or ``(H, W)`` for tracing.
+        sparsities: non-decreasing cumulative channel sparsities in [0, 1), one per step
+            (e.g. :func:`sparsity_schedule`). A step whose sparsity equals the previous one
+            removes nothing (it only calls ``before`` / ``between``).
+        importance: one of :data:`IMPORTANCES`.
+        between: ``between(t, model)`` called after step t's pruning (fine-tune, evaluate).
+        before: ``before(t, model)`` called before step t's importance estimate.
+        calib_batches: ``calib_batches(t) -> iterable of (images float32 (N,3,H,W), masks
+            int64 (N,H,W))``; required for ``"taylor"`` (gradients on the current model).
+        loss_fn: ``loss_fn(logits, masks)`` of the Taylor gradients; default cross-entropy
+            ignoring 255.
 
     Returns:
-        dict with ``params_m, gmacs, gmacs_tp, latency_ms_p50_torch, latency_ms_p99_torch,
-        latency_ms_p50_ort, latency_ms_p99_ort, peak_rss_mb_ort, ort_error``.
+        the same ``model`` object, pruned to ``sparsities[-1]``.
+
+    Raises:
+        ValueError: empty / decreasing / out-of-range ``sparsities`` (names ``sparsities``),
+            unknown ``importance``, ``"taylor"`` without ``calib_batches``, bad
+            ``example_inputs``.
     """
-    from . import bench as sbench
-    from . import models as smodels
+    sched = [float(s) for s in sparsities]
+    if not sched:
+        raise ValueError("sparsities must hold at least one step")
+    for s in sched:
+        _check_sparsity(s, "sparsities")
+    if any(b < a for a, b in zip(sched, sched[1:])):
+        raise ValueError(f"sparsities must be non-decreasing, got {sched}")
+    imp = _make_importance(importance)
+    if importance == "taylor" and calib_batches is None:
+        raise ValueError("importance='taylor' needs calib_batches (gradients of a few batches per step)")
+    x = _example_inputs(example_inputs, model)
+    final = sched[-1]
 
-    hw = tuple(int(v) for v in input_hw)
-    c = smodels.model_complexity(model, hw)
-    out = {"params_m": c["params_m"], "gmacs": c["gmacs"], "gmacs_tp": c["gmacs_tp"],
-           "latency_ms_p50_torch": float("nan"), "latency_ms_p99_torch": float("nan"),
-           "latency_ms_p50_ort": float("nan"), "latency_ms_p99_ort": float("nan"),
-           "peak_rss_mb_ort": float("nan"), "ort_error": ""}
-    if not bench:
-        return out
-    p = ctx.profile
-    kw = dict(warmup_s=p.bench_warmup_s, min_s=p.bench_min_s, min_runs=p.bench_min_runs)
-    r = sbench.benchmark_torch(model, hw, batch=1, threads=2, **kw)
-    out.update(latency_ms_p50_torch=r["latency_ms_p50"], latency_ms_p99_torch=r["latency_ms_p99"])
-    if onnx_path is not None:
-        try:
-            from .quant import export_onnx
+    def scheduler(ratio, n):
+        # called for pruning_ratio (== final) and head_pruning_ratio (0 here); another
+        # ratio keeps the shape of the schedule
+        if ratio == final:
+            return [0.0, *sched]
+        return [0.0, *[ratio * s / final for s in sched]]
 
-            path = export_onnx(model, onnx_path, hw)
-            r = sbench.benchmark_onnx(path, hw, batch=1, threads=2, providers=["CPUExecutionProvider"], **kw)
-            out.update(latency_ms_p50_ort=r["latency_ms_p50"], latency_ms_p99_ort=r["latency_ms_p99"],
-                       peak_rss_mb_ort=r.get("peak_rss_mb", float("nan")))
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            out["ort_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    return out
+    ignored = []
+    cls = getattr(model, "classifier", None)
+    if isinstance(cls, nn.Module):
+        ignored.append(cls)
+    num_heads = {m.qkv: m.num_heads for m in attention_modules(model).values()}
+    was_training = model.training
+    model.eval()
+    pruner = None
+    if final > 0:
+        pruner = tp.pruner.MetaPruner(
+            model, x, importance=imp, pruning_ratio=final, iterative_steps=len(sched),
+            iterative_pruning_ratio_scheduler=scheduler,
+            ignored_layers=ignored, num_heads=num_heads, prune_num_heads=False, prune_head_dims=True,
+            head_pruning_ratio=0.0)
+    for t, s in enumerate(sched):
+        if before is not None:
+            before(t, model)
+        if pruner is not None and (t == 0 or s > sched[t - 1]):
+            model.eval()
+            snap = _snapshot_attention(model)
+            n_hist = len(pruner.pruning_history())
+            if importance == "taylor":
+                _accumulate_grads(model, calib_batches(t), loss_fn, "calib_batches")
+            pruner.step()
+            model.zero_grad(set_to_none=True)
+            _fix_attention(model, snap, pruner.num_heads, keep_scale=True)
+            _record(model).append(_tp_step(
+                x, pruner.pruning_history()[n_hist:],
+                attention={n: [m.num_heads, m.head_dim] for n, m in attention_modules(model).items()},
+                sparsity=s, importance=importance, prune_heads=False, iterative_step=t + 1))
+        elif pruner is not None:
+            pruner.current_step += 1  # same target as before: nothing to remove at this step
+        model.train(was_training)
+        if between is not None:
+            between(t, model)
+    return model
+
+
+__all__ = [
+    "IMPORTANCES", "SCHEDULES", "RECORD_ATTR", "FORMAT",
+    # structured (physical)
+    "prune_structured", "prune_stage", "stage_sensitivity", "prunable_layers",
+    # masked (zeros only)
+    "prune_unstructured", "prune_filter_norm_masks", "zero_fraction", "keep_pruned_zeros",
+    # heads
+    "attention_modules", "head_config", "head_importance", "weight_head_importance", "head_gates",
+    "prune_heads", "head_dim_importance", "prune_head_dim", "repartition_heads",
+    # MLP hidden (Swin)
+    "mlp_modules", "prune_mlp_hidden",
+    # iterative
+    "sparsity_schedule", "finetune_split", "prune_iteratively", "channel_widths",
+    # save / load
+    "pruning_record", "pruned_payload", "save_pruned", "rebuild_pruned", "load_pruned",
+]

@@ -19,9 +19,25 @@ edge device without losing accuracy* - measured, not assumed. It provides:
   ORT-optimised graph really runs, e.g. ``QLinearConv`` vs ``Conv``).
 - Stale-vs-fresh calibration of pruned models (source 001's warning):
   :func:`calibration_table`, :func:`stale_calibration_table`.
-- :func:`build_trt_engine`: TensorRT fp16 / INT8 engines (INT8 with an entropy calibrator
-  over the same images) where ``tensorrt`` and a CUDA device exist; elsewhere it raises
-  :class:`QuantUnavailable`.
+- :func:`build_tensorrt_engine`: TensorRT fp16 / INT8 engines (INT8 with an entropy
+  calibrator over the same images) where ``tensorrt`` and a CUDA device exist; elsewhere it
+  raises :class:`QuantUnavailable`. (:func:`study.device_runner.load_trt_engine` is the
+  device runner's own self-contained builder: in memory, for timing, no calibrator.)
+- :func:`onnx_scores` / :func:`scores_from_logits`: mIoU / mDice of an ONNX model or of
+  logits on image / mask arrays.
+
+Example (a screen's worth)::
+
+    from study import quant
+    fp32 = quant.export_onnx(model, "m.onnx", (96, 96))              # checked, simplified
+    quant.verify_onnx(model, fp32, val_x)                             # {"max_abs_diff": ...}
+    table = quant.calibration_table(fp32, calib_x, "m.calib.json")    # calibrate once
+    int8 = quant.quantize_int8(fp32, "m.int8.onnx", calibration_cache=table)
+    sens = quant.node_sensitivity(fp32, calib_x, val_x, val_masks=val_y)
+    exclude, decisions = quant.select_nodes_to_exclude(sens)
+    sel = quant.quantize_int8(fp32, "m.sel.onnx", calibration_cache=table, nodes_to_exclude=exclude)
+    quant.onnx_scores(sel, val_x, val_y)                              # {"miou": ..., "mdice": ...}
+    quant.kernel_counts(sel)["int8_nodes"]                            # what ORT really runs
 
 Affine quantization maps a real tensor ``x`` to ``x_q = clamp(round(x / s) + z, q_min, q_max)``
 with scale ``s`` and zero point ``z`` chosen from the calibration range of ``x``; the
@@ -30,25 +46,39 @@ dequantized value is ``s * (x_q - z)``. QDQ format (ORT docs, "Quantize ONNX mod
 kernels (``QLinearConv``, ``QLinearMatMul``, ...) where a kernel exists; QOperator format
 writes the integer operators directly.
 
-All ONNX Runtime sessions here use a fixed number of intra-op threads (``threads``,
-default 2) and one inter-op thread, so timings are comparable between variants.
+All ONNX Runtime sessions here come from :func:`study.bench.ort_session` with a fixed
+number of intra-op threads (``threads``, default :data:`DEFAULT_THREADS` = 2) and one
+inter-op thread, so timings are comparable between variants; the light rankers
+:func:`latency_ms` / :func:`paired_latency_ms` time with :func:`study.bench.time_callable`.
+Nothing here takes a study context: the notebook's data and cache live in
+:mod:`study.sections.quantization`.
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import onnx
+import pandas as pd
 import torch
+from onnxruntime import quantization as ortq
+from onnxruntime.quantization.calibrate import (TensorsData, create_calibrator, load_tensors_data,
+                                                save_tensors_data)
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+from .bench import ort_session, time_callable
 from .cache import atomic_write_bytes
+from .metrics import segmentation_scores
 
 #: Input / output names of every exported model.
 INPUT_NAME = "image"
@@ -151,8 +181,6 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, input_hw, opset
         ExportError: both exporters failed (the message holds both errors) or the checked
             graph is invalid.
     """
-    import onnx
-
     h, w = _hw(input_hw)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +223,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, input_hw, opset
     if proto is None:
         raise ExportError(f"could not export {type(model).__name__} to {path}:\n" + "\n".join(errors))
     if simplify:
-        import onnxslim
+        import onnxslim  # in-function: ~1 s to import, needed only when simplifying
         try:
             proto = onnxslim.slim(proto)
         except Exception as exc:  # noqa: BLE001 - keep the unsimplified (valid) graph
@@ -212,39 +240,6 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, input_hw, opset
             proto.metadata_props.add(key=k, value=v)
     atomic_write_bytes(path, proto.SerializeToString())
     return path
-
-
-def ort_session(path: str | os.PathLike, threads: int = DEFAULT_THREADS, providers: Sequence[str] | None = None,
-                optimized_model_path: str | os.PathLike | None = None, enable_profiling: bool = False,
-                profile_prefix: str | None = None, session_options=None):
-    """Create an ONNX Runtime ``InferenceSession`` with fixed threading.
-
-    Args:
-        path: ``.onnx`` file.
-        threads: intra-op threads (inter-op is 1, sequential execution).
-        providers: execution providers (default ``["CPUExecutionProvider"]``).
-        optimized_model_path: if given, ORT writes its optimised graph there (what really runs).
-        enable_profiling: turn on ORT's JSON profiler (``profile_prefix`` names the file).
-        session_options: an ``ort.SessionOptions`` to start from (copied fields are overridden).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-    """
-    import onnxruntime as ort
-
-    path = _existing(path, "ONNX model")
-    so = session_options if session_options is not None else ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    if optimized_model_path is not None:
-        so.optimized_model_filepath = str(optimized_model_path)
-    if enable_profiling:
-        so.enable_profiling = True
-        if profile_prefix:
-            so.profile_file_prefix = str(profile_prefix)
-    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def _check_images(images, what: str = "images") -> np.ndarray:
@@ -360,9 +355,6 @@ def convert_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike, keep
     Raises:
         FileNotFoundError: ``fp32_path`` does not exist.
     """
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     fp32_path = _existing(fp32_path, "fp32 ONNX model")
     proto = onnx.load(str(fp32_path))
     blocks = list(op_block_list) if op_block_list is not None else list(DEFAULT_OP_BLOCK_LIST)
@@ -421,56 +413,52 @@ class _quiet_root_logger:
     """Silence the root-logger WARNINGs ORT's quantizer prints per tensor (e.g. LayerNorm per-channel axis)."""
 
     def __enter__(self):
-        import logging
         self._prev = logging.root.manager.disable
         logging.disable(logging.WARNING)
 
     def __exit__(self, *exc):
-        import logging
         logging.disable(self._prev)
 
 
-def _ort_quant():
-    from onnxruntime import quantization as q
-    return q
+class ImageCalibrationReader(ortq.CalibrationDataReader):
+    """ORT ``CalibrationDataReader`` over float32 images, fed one image (batch 1) at a time.
 
+    ``get_next()`` returns ``{input_name: images[i:i+1]}`` (float32 ``(1, 3, H, W)``) for
+    ``i`` in ``[start, end)`` and then ``None``; ``rewind()`` starts again; ``set_range``
+    restricts the images (ORT's batched calibration uses it).
 
-def _calibration_reader_class():
-    q = _ort_quant()
+    Args:
+        images: float32 ``(N, 3, H, W)`` (numpy or torch), ImageNet-normalised like the
+            model's input.
+        input_name: the model's input name (default ``image``).
 
-    class ImageCalibrationReader(q.CalibrationDataReader):
-        """ORT ``CalibrationDataReader`` over float32 images, fed one image (batch 1) at a time.
+    Raises:
+        ValueError: wrong shape or empty.
+    """
 
-        Args:
-            images: float32 ``(N, 3, H, W)``, ImageNet-normalised like the model's input.
-            input_name: the model's input name (default ``image``).
-        """
+    def __init__(self, images, input_name: str = INPUT_NAME):
+        self.images = _check_images(images, "calib_images")
+        self.input_name = input_name
+        self.start, self.end = 0, len(self.images)
+        self._it = None
 
-        def __init__(self, images, input_name: str = INPUT_NAME):
-            self.images = _check_images(images, "calib_images")
-            self.input_name = input_name
-            self.start, self.end = 0, len(self.images)
-            self._it = None
+    def __len__(self):
+        return len(self.images)
 
-        def __len__(self):
-            return len(self.images)
+    def set_range(self, start_index: int, end_index: int):
+        self.start, self.end = start_index, end_index
+        self._it = None
 
-        def set_range(self, start_index: int, end_index: int):
-            self.start, self.end = start_index, end_index
-            self._it = None
+    def get_next(self):
+        if self._it is None:
+            self._it = iter(range(self.start, min(self.end, len(self.images))))
+        i = next(self._it, None)
+        if i is None:
+            return None
+        return {self.input_name: self.images[i:i + 1]}
 
-        def get_next(self):
-            if self._it is None:
-                self._it = iter(range(self.start, min(self.end, len(self.images))))
-            i = next(self._it, None)
-            if i is None:
-                return None
-            return {self.input_name: self.images[i:i + 1]}
-
-        def rewind(self):
-            self._it = None
-
-    return ImageCalibrationReader
+    def rewind(self):
+        self._it = None
 
 
 def calibration_reader(images, input_name: str = INPUT_NAME):
@@ -482,7 +470,7 @@ def calibration_reader(images, input_name: str = INPUT_NAME):
     Raises:
         ValueError: wrong shape or empty.
     """
-    return _calibration_reader_class()(images, input_name)
+    return ImageCalibrationReader(images, input_name)
 
 
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
@@ -490,33 +478,30 @@ _QTYPES = {"u8": "QUInt8", "s8": "QInt8", "uint8": "QUInt8", "int8": "QInt8"}
 
 
 def _calib_method(method):
-    q = _ort_quant()
-    if isinstance(method, q.CalibrationMethod):
+    if isinstance(method, ortq.CalibrationMethod):
         return method
     key = str(method).lower()
     if key not in _METHODS:
         raise ValueError(f"calibration method must be one of {list(_METHODS)}; got {method!r}")
-    return getattr(q.CalibrationMethod, _METHODS[key])
+    return getattr(ortq.CalibrationMethod, _METHODS[key])
 
 
 def _quant_format(fmt):
-    q = _ort_quant()
-    if isinstance(fmt, q.QuantFormat):
+    if isinstance(fmt, ortq.QuantFormat):
         return fmt
     key = str(fmt).lower()
     if key not in ("qdq", "qoperator"):
         raise ValueError(f"quant_format must be 'qdq' or 'qoperator' (or a QuantFormat); got {fmt!r}")
-    return q.QuantFormat.QDQ if key == "qdq" else q.QuantFormat.QOperator
+    return ortq.QuantFormat.QDQ if key == "qdq" else ortq.QuantFormat.QOperator
 
 
 def _qtype(t):
-    q = _ort_quant()
-    if isinstance(t, q.QuantType):
+    if isinstance(t, ortq.QuantType):
         return t
     key = str(t).lower()
     if key not in _QTYPES:
         raise ValueError(f"quantization type must be one of {list(_QTYPES)}; got {t!r}")
-    return getattr(q.QuantType, _QTYPES[key])
+    return getattr(ortq.QuantType, _QTYPES[key])
 
 
 def preprocess_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
@@ -533,8 +518,6 @@ def preprocess_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike | 
     out = Path(out_path) if out_path else fp32_path.with_name(fp32_path.stem + ".pre.onnx")
     if out.is_file() and out.stat().st_mtime >= fp32_path.stat().st_mtime:
         return out
-    q = _ort_quant()
-    from onnxruntime.quantization.shape_inference import quant_pre_process
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".onnx", dir=out.parent)
     os.close(fd)
     try:
@@ -546,7 +529,6 @@ def preprocess_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike | 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    del q
     return out
 
 
@@ -572,8 +554,6 @@ def calibration_table(fp32_path: str | os.PathLike, calib_images, out_path: str 
     Returns:
         ``Path`` of the JSON table.
     """
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
     pre = preprocess_onnx(fp32_path)
     reader = calibration_reader(calib_images)
     opts = {"symmetric": bool(activation_symmetric)}
@@ -634,7 +614,6 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         FileNotFoundError: no ``fp32_path``.
         ValueError: no calibration data and no existing calibration cache; bad option names.
     """
-    q = _ort_quant()
     cache = Path(calibration_cache) if calibration_cache is not None else None
     if calib_images is None and (cache is None or not cache.is_file()):
         raise ValueError(f"quantize_int8({fp32_path}): give calib_images or an existing calibration_cache")
@@ -651,7 +630,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     try:
         with warnings.catch_warnings(), _quiet_root_logger():
             warnings.simplefilter("ignore")
-            q.quantize_static(
+            ortq.quantize_static(
                 str(pre), tmp,
                 calibration_data_reader=calibration_reader(calib_images) if calib_images is not None else None,
                 quant_format=_quant_format(quant_format), op_types_to_quantize=op_types_to_quantize,
@@ -683,7 +662,6 @@ def quantize_dynamic_int8(fp32_path: str | os.PathLike, out_path: str | os.PathL
     Raises:
         FileNotFoundError: no ``fp32_path``.
     """
-    q = _ort_quant()
     pre = preprocess_onnx(fp32_path)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -692,7 +670,7 @@ def quantize_dynamic_int8(fp32_path: str | os.PathLike, out_path: str | os.PathL
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q.quantize_dynamic(str(pre), tmp, op_types_to_quantize=op_types_to_quantize, per_channel=per_channel,
+            ortq.quantize_dynamic(str(pre), tmp, op_types_to_quantize=op_types_to_quantize, per_channel=per_channel,
                                nodes_to_exclude=list(nodes_to_exclude), weight_type=_qtype(weight_type))
         os.replace(tmp, out)
     finally:
@@ -721,7 +699,6 @@ def graph_op_counts(path: str | os.PathLike) -> Counter:
     Raises:
         FileNotFoundError: no such file.
     """
-    import onnx
     path = _existing(path, "ONNX model")
     return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
@@ -743,7 +720,6 @@ def kernel_counts(path: str | os.PathLike, threads: int = DEFAULT_THREADS) -> di
     Raises:
         FileNotFoundError: no such file.
     """
-    import onnx
     with tempfile.TemporaryDirectory(prefix="ort_opt_") as tmpd:
         opt = Path(tmpd) / "optimized.onnx"
         ort_session(path, threads=threads, optimized_model_path=opt)
@@ -779,8 +755,6 @@ def profile_ops(onnx_path: str | os.PathLike, input_hw, runs: int = 20, warmup: 
         FileNotFoundError: no such model.
         ValueError: ``runs < 1`` or a bad ``input_hw``.
     """
-    import pandas as pd
-
     if runs < 1:
         raise ValueError(f"profile_ops: runs must be >= 1; got {runs}")
     h, w = _hw(input_hw)
@@ -823,53 +797,69 @@ def op_time_by_type(node_df):
     return g.sort_values("ms_per_run", ascending=False).reset_index()
 
 
+def _probe_input(input_hw) -> np.ndarray:
+    """The fixed batch-1 timing input: float32 ``(1, 3, H, W)`` standard normal (seed 0)."""
+    h, w = _hw(input_hw)
+    return np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
+
+
 def latency_ms(onnx_path: str | os.PathLike, input_hw, runs: int = 30, warmup: int = 5,
                threads: int = DEFAULT_THREADS) -> float:
     """Median batch-1 latency of an ONNX model on ORT's CPU provider, ms.
 
-    A light timer for ranking quantization variants inside :func:`node_sensitivity`; the
-    reported numbers of the study come from :mod:`study.bench` (p50/p99, FPS, peak RSS).
+    Exactly ``warmup`` untimed and ``max(1, runs)`` timed calls on one fixed input
+    (:func:`study.bench.time_callable` with no minimum durations). A light timer for ranking
+    quantization variants inside :func:`node_sensitivity`; the reported numbers of the study
+    come from :func:`study.bench.benchmark_onnx` (p50/p99, FPS, peak RSS).
+
+    Raises:
+        FileNotFoundError: no such model.
+        ValueError: a bad ``input_hw``.
     """
-    h, w = _hw(input_hw)
-    sess = ort_session(onnx_path, threads=threads)
-    name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
-    for _ in range(warmup):
-        sess.run(None, {name: x})
-    ts = []
-    for _ in range(max(1, runs)):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        ts.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(ts))
+    x = _probe_input(input_hw)
+    sess = ort_session(onnx_path, threads)
+    feed = {sess.get_inputs()[0].name: x}
+    t = time_callable(lambda: sess.run(None, feed), warmup_s=0.0, min_s=0.0, min_runs=max(1, runs),
+                      warmup_runs=max(0, warmup))
+    return float(np.median(t["latencies_s"]) * 1e3)
 
 
 def paired_latency_ms(ref_path: str | os.PathLike, path: str | os.PathLike, input_hw, runs: int = 20,
                       warmup: int = 3, threads: int = DEFAULT_THREADS) -> tuple[float, float]:
     """Median batch-1 latencies (ms) of two ONNX models timed alternately, run by run.
 
-    On a shared machine the load drifts; alternating the two sessions exposes both to the
-    same drift, so their difference (used to rank quantization variants) is robust even
-    when absolute timings move. Returns ``(ref_ms, ms)``.
+    On a shared machine the load drifts; alternating the two sessions (A, B, A, B, ...:
+    ``warmup`` untimed pairs, then ``max(1, runs)`` timed pairs, one
+    :func:`study.bench.time_callable` loop whose even calls run A and odd calls run B)
+    exposes both to the same drift, so their difference (used to rank quantization
+    variants) is robust even when absolute timings move.
+
+    Returns:
+        ``(ref_ms, ms)``: median latency of ``ref_path`` and of ``path``, ms.
+
+    Raises:
+        FileNotFoundError: a model does not exist.
+        ValueError: a bad ``input_hw``.
     """
-    h, w = _hw(input_hw)
-    sa, sb = ort_session(ref_path, threads=threads), ort_session(path, threads=threads)
-    x = np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
-    na, nb = sa.get_inputs()[0].name, sb.get_inputs()[0].name
-    for _ in range(warmup):
-        sa.run(None, {na: x}), sb.run(None, {nb: x})
-    ta, tb = [], []
-    for _ in range(max(1, runs)):
-        t = time.perf_counter(); sa.run(None, {na: x}); ta.append(time.perf_counter() - t)
-        t = time.perf_counter(); sb.run(None, {nb: x}); tb.append(time.perf_counter() - t)
-    return float(np.median(ta) * 1e3), float(np.median(tb) * 1e3)
+    x = _probe_input(input_hw)
+    sa, sb = ort_session(ref_path, threads), ort_session(path, threads)
+    feeds = ({sa.get_inputs()[0].name: x}, {sb.get_inputs()[0].name: x})
+    sessions = (sa, sb)
+    calls = [0]
+
+    def one_of_pair():
+        k = calls[0] % 2
+        calls[0] += 1
+        sessions[k].run(None, feeds[k])
+
+    n = max(1, runs)
+    t = time_callable(one_of_pair, warmup_s=0.0, min_s=0.0, min_runs=2 * n, warmup_runs=2 * max(0, warmup))
+    lat = t["latencies_s"]
+    return float(np.median(lat[0::2]) * 1e3), float(np.median(lat[1::2]) * 1e3)
 
 
 def quantizable_nodes(fp32_path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(node_name, op_type)`` of the pre-processed graph's nodes ORT's QDQ quantizer handles."""
-    import onnx
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
     kinds = set(QDQRegistry) | set(QLinearOpsRegistry)
     g = onnx.load(str(preprocess_onnx(fp32_path)), load_external_data=False).graph
     return [(n.name, n.op_type) for n in g.node if n.op_type in kinds and n.name]
@@ -913,7 +903,6 @@ def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
 def _miou(logits: np.ndarray, masks) -> float | None:
     if masks is None:
         return None
-    from .metrics import segmentation_scores
     pred = logits.argmax(1)
     if pred.shape[-2:] != np.asarray(masks).shape[-2:]:
         raise ValueError(f"val_masks shape {np.asarray(masks).shape} does not match predictions {pred.shape}")
@@ -958,8 +947,6 @@ def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val
     Raises:
         ValueError: bad ``mode`` / ``groups``, or images of the wrong shape.
     """
-    import pandas as pd
-
     if mode not in ("exclude", "only"):
         raise ValueError(f"node_sensitivity: mode must be 'exclude' or 'only'; got {mode!r}")
     val = _check_images(val_images, "val_images")
@@ -1043,8 +1030,6 @@ def select_nodes_to_exclude(sens, speed_tol: float = 0.03, min_argmax_gain: floa
     Raises:
         ValueError: the table is not an ``exclude`` sensitivity table.
     """
-    import pandas as pd
-
     if "int8_all" not in set(sens["group"]) or not (sens["mode"] == "exclude").any():
         raise ValueError("select_nodes_to_exclude needs a node_sensitivity(..., mode='exclude') table")
     base = sens.loc[sens["group"] == "int8_all"].iloc[0]
@@ -1098,8 +1083,6 @@ def stale_calibration_table(dense_table: str | os.PathLike, fresh_table: str | o
         FileNotFoundError: a table does not exist.
         ValueError: the two tables use different calibration methods.
     """
-    from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
-
     dense, fresh = load_tensors_data(dense_table), load_tensors_data(fresh_table)
     if dense.calibration_method != fresh.calibration_method:
         raise ValueError(f"{dense_table} uses {dense.calibration_method}, {fresh_table} uses "
@@ -1123,7 +1106,7 @@ def stale_calibration_table(dense_table: str | os.PathLike, fresh_table: str | o
 def trt_available() -> tuple[bool, str]:
     """``(True, "")`` when ``tensorrt`` imports and a CUDA device is present, else ``(False, why)``."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401  - in-function: optional, only on CUDA hosts
     except ImportError:
         return False, ("tensorrt is not installed: TensorRT engines are built on a CUDA machine "
                        "(a Jetson ships it with JetPack; on x86 `pip install tensorrt`)")
@@ -1132,10 +1115,16 @@ def trt_available() -> tuple[bool, str]:
     return True, ""
 
 
-def build_trt_engine(onnx_path: str | os.PathLike, precision: str = "fp16", calib_images=None,
+def build_tensorrt_engine(onnx_path: str | os.PathLike, precision: str = "fp16", calib_images=None,
                      out_path: str | os.PathLike | None = None, workspace_mb: int = 1024,
                      calib_cache: str | os.PathLike | None = None) -> Path:
-    """Build a serialized TensorRT engine (fp32 / fp16 / INT8) from an ONNX model.
+    """Build a serialized TensorRT engine (fp32 / fp16 / INT8) from an ONNX model, on this host.
+
+    Not to be confused with :func:`study.device_runner.load_trt_engine`, the device
+    runner's own self-contained builder (it must run on a device with nothing but the
+    runner file): that one deserializes an engine or builds one in memory for timing, INT8
+    only from Q/DQ models (no calibrator); this one calibrates INT8 itself and writes the
+    engine and the calibration cache to files.
 
     INT8 uses an ``IInt8EntropyCalibrator2`` over ``calib_images`` (the same images as the
     ORT calibration), feeding batch-1 device buffers allocated with torch; the calibration
@@ -1162,10 +1151,10 @@ def build_trt_engine(onnx_path: str | os.PathLike, precision: str = "fp16", cali
     if not ok:
         raise QuantUnavailable(why)
     if precision not in ("fp32", "fp16", "int8"):
-        raise ValueError(f"build_trt_engine: precision must be fp32, fp16 or int8; got {precision!r}")
+        raise ValueError(f"build_tensorrt_engine: precision must be fp32, fp16 or int8; got {precision!r}")
     if precision == "int8" and calib_images is None:
-        raise ValueError("build_trt_engine: precision='int8' needs calib_images")
-    import tensorrt as trt
+        raise ValueError("build_tensorrt_engine: precision='int8' needs calib_images")
+    import tensorrt as trt  # in-function: optional, only on CUDA hosts (checked by trt_available)
 
     onnx_path = Path(onnx_path)
     out = Path(out_path) if out_path else onnx_path.with_name(f"{onnx_path.stem}.{precision}.engine")
@@ -1223,34 +1212,42 @@ def build_trt_engine(onnx_path: str | os.PathLike, precision: str = "fp16", cali
 
 
 # --------------------------------------------------------------------------------------
-# Study helpers used by notebooks/05_quantization.ipynb and benchmarks/bench_int8.py
+# Scores
 # --------------------------------------------------------------------------------------
 
-def split_arrays(ctx, split: str, limit: int | None = None, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks of a split as model inputs, at the profile's ``image_size``.
+def scores_from_logits(logits: np.ndarray, masks: np.ndarray) -> dict:
+    """Scores of arg-max predictions: :func:`study.metrics.segmentation_scores`.
+
+    Args:
+        logits: float ``(N, C, H, W)``.
+        masks: int ``(N, H, W)`` labels (255 ignored).
 
     Returns:
-        ``(images float32 (N, 3, S, S) ImageNet-normalised, masks int64 (N, S, S))``.
-
-    Raises:
-        study.data.DataError: a malformed data root (from the loader).
+        dict with ``miou``, ``mdice``, ``per_class_iou`` ... (see
+        :func:`study.metrics.segmentation_scores`).
     """
-    from .data import IMAGENET_MEAN, IMAGENET_STD, load_split_arrays
-
-    size = ctx.profile.image_size
-    imgs, masks = load_split_arrays(ctx.data_root, split, size, None if limit is None else limit + offset)
-    imgs, masks = imgs[offset:], masks[offset:]
-    x = imgs.astype(np.float32) / 255.0
-    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), masks.astype(np.int64)
-
-
-def scores_from_logits(logits: np.ndarray, masks: np.ndarray) -> dict:
-    """:func:`study.metrics.segmentation_scores` of arg-max predictions (N, C, H, W) vs masks (N, H, W)."""
-    from .metrics import segmentation_scores
     return segmentation_scores(np.asarray(logits).argmax(1), np.asarray(masks))
 
 
 def onnx_scores(path: str | os.PathLike, images, masks, threads: int = DEFAULT_THREADS) -> dict:
-    """mIoU / mDice / per-class IoU of an ONNX model on images (float32 N,3,H,W) and masks (int N,H,W)."""
+    """mIoU / mDice / per-class IoU of an ONNX model on image and mask arrays.
+
+    Runs :func:`ort_predict` (batch 1 when the model's batch dimension is fixed) and scores
+    the arg-max predictions with :func:`scores_from_logits`; the logits must already have
+    the masks' H, W (no resizing).
+
+    Args:
+        path: ``.onnx`` file with a float32 input.
+        images: float32 ``(N, 3, H, W)``, ImageNet-normalised.
+        masks: int ``(N, H, W)`` labels (255 ignored).
+        threads: ORT intra-op threads.
+
+    Returns:
+        dict as :func:`study.metrics.segmentation_scores` (``miou``, ``mdice``,
+        ``per_class_iou`` ...).
+
+    Raises:
+        FileNotFoundError: no such model.
+        ValueError: images of the wrong shape, or predictions and masks of different sizes.
+    """
     return scores_from_logits(ort_predict(path, images, threads), masks)

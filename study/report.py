@@ -13,17 +13,26 @@ import argparse
 import datetime as _dt
 import html
 import json
+import re
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
+import latex2mathml.converter as l2m
+import nbformat
+import papermill as pm
+from nbconvert import HTMLExporter
+
 from . import NOTEBOOKS, SECTIONS
 from .cache import atomic_write_text
-from .profiles import PROFILES
+from .data import DataError, validate_dataset
+from .profiles import PROFILES, ProfileError, get_profile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = REPO_ROOT / "notebooks"
@@ -77,8 +86,6 @@ def run_notebook(stem: str, out_dir: Path, params: dict, kernel: str = "python3"
     Returns:
         dict with ``name, sections, status ('ok'|'failed'), seconds, failed_cell, error, output``.
     """
-    import papermill as pm
-
     dst = out_dir / "notebooks" / f"{stem}.ipynb"
     dst.parent.mkdir(parents=True, exist_ok=True)
     rec = {"name": stem, "sections": list(NOTEBOOKS[stem]), "status": "ok", "failed_cell": None,
@@ -114,9 +121,10 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
         build = REPO_ROOT / build
     out = build / profile
     out.mkdir(parents=True, exist_ok=True)
-    # Kernels inherit this: text progress bars refresh every 15 s instead of flooding the
-    # executed notebooks (tqdm reads TQDM_* variables as defaults).
-    os.environ.setdefault("TQDM_MININTERVAL", "15")
+    # Kernels inherit this: no progress bars in the saved notebooks, one summary line per
+    # training instead (study.train.progress_bar).
+    saved_env = os.environ.get("SEGCOMPRESS_BATCH")
+    os.environ["SEGCOMPRESS_BATCH"] = "1"
     params = {"profile": profile, "seed": seed, "data_root": data_root, "build_dir": str(build),
               "fresh": fresh, "bench_host": bench_host}
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -127,6 +135,10 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
         extra = "" if rec["status"] == "ok" else f"  cell {rec['failed_cell']}: {rec['error'].splitlines()[0]}"
         print(f"[{flag:>6}] {stem:<24} {rec['seconds']:8.1f} s{extra}", flush=True)
         records.append(rec)
+    if saved_env is None:
+        os.environ.pop("SEGCOMPRESS_BATCH", None)
+    else:
+        os.environ["SEGCOMPRESS_BATCH"] = saved_env
     # re-read at the end: another run on the same build (other sections) may have finished
     prev = {**_previous_records(out), **{r["name"]: r for r in records}}
     run_rec = {"profile": profile, "seed": seed, "data_root": data_root or "(embedded generated dataset)",
@@ -140,6 +152,14 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
     if report:
         path = build_report(out, run_rec)
         print(f"report: {path}")
+        if find_chromium():  # what a reader sees: DOM counts and a screenshot beside the report
+            try:
+                check = check_report_in_browser(path, screenshot=out / "report-screenshot.png")
+                run_rec["report_check"] = check
+                atomic_write_text(out / "run.json", json.dumps(run_rec, indent=2, default=str))
+                print(f"report check (headless Chromium): {json.dumps(check)}")
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                print(f"report check skipped: {exc}", file=sys.stderr)
     return run_rec
 
 
@@ -166,6 +186,46 @@ document.addEventListener('DOMContentLoaded', function () {
 
 _ANCHOR = "SC-SECTION-ANCHOR:"
 
+_CODE = re.compile(r"(```.*?```|~~~.*?~~~|`[^`\n]*`)", re.S)
+_DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
+_INLINE = re.compile(r"(?<![\\$\w])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\w$])")
+_REMOTE_SCRIPT = re.compile(r"<script[^>]*\ssrc=[\"']https?://[^>]*>\s*</script>", re.I)
+_MATHJAX_CONFIG = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S)
+
+
+def render_math(text: str) -> str:
+    """Replace ``$$...$$`` and ``$...$`` LaTeX in Markdown ``text`` with MathML (pre-rendered).
+
+    Browsers render MathML natively, so the report needs no MathJax from a CDN and renders
+    offline. Code spans and fenced blocks are left alone; ``\\$`` stays a dollar sign. A
+    formula latex2mathml cannot parse is kept as ``<code class="sc-math-error">`` (visible,
+    and counted by the browser test) rather than silently dropped.
+    """
+    def conv(tex: str, display: str) -> str:
+        try:
+            return l2m.convert(tex.strip(), display=display)
+        except Exception:  # noqa: BLE001 - shown, not hidden
+            return f"<code class='sc-math-error'>{html.escape(tex)}</code>"
+
+    out = []
+    for i, part in enumerate(_CODE.split(text)):
+        if i % 2 == 0:
+            part = _DISPLAY.sub(lambda m: conv(m.group(1), "block"), part)
+            part = _INLINE.sub(lambda m: conv(m.group(1), "inline"), part)
+        out.append(part)
+    return "".join(out)
+
+
+def _prerender_math(cell) -> None:
+    if cell.cell_type == "markdown":
+        cell.source = render_math(cell.source)
+    elif cell.cell_type == "code":
+        for o in cell.get("outputs", []):
+            data = o.get("data", {})
+            if "text/markdown" in data:
+                md = data["text/markdown"]
+                data["text/markdown"] = render_math("".join(md) if isinstance(md, list) else md)
+
 
 def build_report(out_dir: Path, run_rec: dict) -> Path:
     """Combine the executed notebooks of ``out_dir`` into one self-contained ``report.html``.
@@ -173,9 +233,6 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
     Sections that failed get a red box with the failing cell and error; sections never run
     are listed as missing. Code cells are hidden by default (a button shows them).
     """
-    import nbformat
-    from nbconvert import HTMLExporter
-
     status = {n["name"]: n for n in run_rec.get("notebooks", [])}
     cells = []
     prov = [("profile", run_rec["profile"]), ("seed", run_rec["seed"]), ("data", run_rec["data_root"]),
@@ -213,11 +270,15 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
             if "parameters" in c.get("metadata", {}).get("tags", []) or \
                "injected-parameters" in c.get("metadata", {}).get("tags", []):
                 continue
+            _prerender_math(c)
             cells.append(c)
     book = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                          "language": "python"}})
     exporter = HTMLExporter(template_name="lab")
     body, _ = exporter.from_notebook_node(book)
+    # offline: math is pre-rendered MathML, so no MathJax / require.js from a CDN
+    body = _MATHJAX_CONFIG.sub("", body)
+    body = _REMOTE_SCRIPT.sub("", body)
     body = body.replace("</head>", _CSS + "</head>", 1)
     for stem in NOTEBOOKS:  # nbconvert's sanitizer drops ids written in markdown: add them here
         body = body.replace(f"{_ANCHOR}{stem}", f'<span id="{stem}"></span>')
@@ -226,22 +287,111 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
     return path
 
 
+_CHECK_JS = """
+<script>
+window.addEventListener('load', function () {
+  var text = document.body.innerText;
+  var imgs = Array.from(document.images);
+  var links = Array.from(document.querySelectorAll('a[href^="#"]'));
+  var r = {
+    raw_dollar_math: (text.match(/\\$[^$\\n]*\\\\[a-zA-Z]+[^$\\n]*\\$/g) || []).length,
+    raw_latex_commands: (text.match(/\\\\(mathcal|frac|sum|text|lVert|left|right|mathbb|cdot)\\b/g) || []).length,
+    math_elements: document.getElementsByTagName('math').length,
+    math_errors: document.querySelectorAll('.sc-math-error').length,
+    images: imgs.length,
+    images_broken: imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length,
+    error_outputs: document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"]').length,
+    failed_sections: document.querySelectorAll('.sc-failed').length,
+    contents_links: links.length,
+    contents_links_broken: links.filter(function (a) {
+      return !document.getElementById(decodeURIComponent(a.getAttribute('href').slice(1))); }).length
+  };
+  var pre = document.createElement('pre'); pre.id = 'sc-check'; pre.textContent = JSON.stringify(r);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def find_chromium() -> str | None:
+    """Path of a headless-capable Chromium / Chrome, or None (Debian's ``chromium`` package)."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+def check_report_in_browser(report: Path, screenshot: Path | None = None, timeout_s: float = 120) -> dict:
+    """Open ``report`` in headless Chromium (no network) and count what rendered.
+
+    A copy of the page with a checking script is loaded with ``--dump-dom``; the script
+    reports, from the rendered DOM: ``math_elements`` (MathML formulas), ``raw_dollar_math``
+    and ``raw_latex_commands`` (LaTeX left unrendered), ``math_errors``, ``images`` and
+    ``images_broken`` (``naturalWidth == 0``), ``error_outputs`` (cells that raised),
+    ``failed_sections``, ``contents_links`` and ``contents_links_broken`` (in-page links
+    whose target id is missing). With ``screenshot`` a PNG of the top of the page is written.
+
+    Raises:
+        FileNotFoundError: no Chromium on this machine, or no ``report``.
+        RuntimeError: Chromium failed or the page never reported (message has its stderr).
+    """
+    chrome = find_chromium()
+    if chrome is None:
+        raise FileNotFoundError("no chromium on PATH (Debian: apt-get install chromium)")
+    report = Path(report)
+    if not report.is_file():
+        raise FileNotFoundError(f"report {report} does not exist")
+    flags = [chrome, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--no-first-run", "--disable-background-networking", "--proxy-server=127.0.0.1:9",
+             "--virtual-time-budget=15000"]
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "report-check.html"
+        probe.write_text(report.read_text(encoding="utf-8").replace("</body>", _CHECK_JS + "</body>", 1),
+                         encoding="utf-8")
+        r = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                           timeout=timeout_s)
+        m = re.search(r'<pre id="sc-check">(.*?)</pre>', r.stdout, re.S)
+        if not m:
+            raise RuntimeError(f"chromium rendered no check result (exit {r.returncode}): {r.stderr[-1500:]}")
+        result = json.loads(html.unescape(m.group(1)))
+        if screenshot is not None:
+            screenshot = Path(screenshot)
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(flags + ["--hide-scrollbars", "--window-size=1280,2400",
+                                    f"--screenshot={screenshot}", report.resolve().as_uri()],
+                           capture_output=True, text=True, timeout=timeout_s)
+            result["screenshot"] = str(screenshot) if screenshot.exists() else ""
+    return result
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="execute notebooks and build the report")
-    r.add_argument("--profile", default="cpu", choices=list(PROFILES))
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--data-root", default="")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    r = sub.add_parser("run", help="execute notebooks and build the report", formatter_class=fmt)
+    r.add_argument("--profile", default="cpu", choices=list(PROFILES),
+                   help="experiment size: smoke (CI, minutes), cpu (this 2-core machine), paper (GPU + LPCVC)")
+    r.add_argument("--seed", type=int, default=0, help="base seed of every training (non-negative int)")
+    r.add_argument("--data-root", default="", metavar="DIR",
+                   help="a dataset in the LPCVC layout; empty: the embedded generated dataset")
     r.add_argument("--only", action="append", choices=list(SECTIONS), metavar="SECTION",
                    help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
-    r.add_argument("--bench-host", default="")
-    r.add_argument("--fresh", action="store_true")
-    r.add_argument("--build-dir", default="build")
-    r.add_argument("--kernel", default=os.environ.get("SEGCOMPRESS_KERNEL", "python3"))
-    b = sub.add_parser("report", help="rebuild report.html from an existing build")
-    b.add_argument("--profile", default="cpu", choices=list(PROFILES))
-    b.add_argument("--build-dir", default="build")
+    r.add_argument("--bench-host", default="", metavar="HOST",
+                   help="SSH host (alias of ~/.ssh/config allowed) for the deployment section; empty: this machine")
+    r.add_argument("--fresh", action="store_true", help="ignore cached models and results (recompute everything)")
+    r.add_argument("--build-dir", default="build", metavar="DIR",
+                   help="output root; results go to DIR/<profile>/, the cache to DIR/cache/")
+    r.add_argument("--kernel", default=os.environ.get("SEGCOMPRESS_KERNEL", "python3"),
+                   help="Jupyter kernel that executes the notebooks (run_all.sh installs 'segcompress')")
+    b = sub.add_parser("report", help="rebuild report.html from an existing build", formatter_class=fmt)
+    b.add_argument("--profile", default="cpu", choices=list(PROFILES), help="which build/<profile>/ to rebuild")
+    b.add_argument("--build-dir", default="build", metavar="DIR", help="output root of the earlier run")
+    c = sub.add_parser("check", help="open build/<profile>/report.html in headless Chromium and print "
+                                     "the DOM check (JSON); keeps a screenshot beside it", formatter_class=fmt)
+    c.add_argument("--profile", default="cpu", choices=list(PROFILES), help="which build/<profile>/report.html")
+    c.add_argument("--build-dir", default="build", metavar="DIR", help="output root of the run")
     return ap
 
 
@@ -249,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 1 a notebook failed, 2 bad arguments)."""
     ap = _parser()
     args = ap.parse_args(argv)
+    if args.cmd == "check":
+        out = Path(args.build_dir)
+        out = (out if out.is_absolute() else REPO_ROOT / out) / args.profile
+        res = check_report_in_browser(out / "report.html", screenshot=out / "report-screenshot.png")
+        print(json.dumps(res, indent=2))
+        bad = (res["raw_dollar_math"] + res["raw_latex_commands"] + res["math_errors"] + res["images_broken"]
+               + res["error_outputs"] + res["contents_links_broken"])
+        return 1 if bad else 0
     if args.cmd == "report":
         out = Path(args.build_dir)
         out = (out if out.is_absolute() else REPO_ROOT / out) / args.profile
@@ -258,13 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.seed < 0:
         ap.error(f"--seed must be >= 0, got {args.seed}")
-    from .profiles import ProfileError, get_profile
     try:
         get_profile(args.profile, data_root=args.data_root or None)
     except ProfileError as exc:
         ap.error(f"--profile {args.profile}: {exc}")
     if args.data_root:
-        from .data import DataError, validate_dataset
         if not Path(args.data_root).is_dir():
             ap.error(f"--data-root {args.data_root}: not a directory")
         try:

@@ -1,31 +1,75 @@
-"""Training loop, evaluation and the cached baseline models every section starts from.
+"""Training loop and evaluation of a segmentation model (no context, no cache).
 
 A plain loop (d2l style): AdamW, poly learning-rate schedule with linear warm-up,
 cross-entropy or OHEM cross-entropy (source 000's loss, threshold 0.7) with the ignore
 index, evaluation every N steps, a CSV log, AMP when a GPU is present. It runs unchanged
 under ``torchrun`` (DDP; gloo on CPU, NCCL on GPU): each rank takes every
-``world_size``-th batch and DDP averages the gradients.
+``world_size``-th batch of one :func:`study.data.batch_stream` and DDP averages the
+gradients. ``loss_fn`` plugs in other objectives (knowledge distillation:
+:func:`study.distill.make_kd_loss`)::
 
-Entry points: :func:`train`, :func:`evaluate`, :func:`trained_model`, :func:`finetune`.
+    from study import train
+    cfg = train.TrainConfig(steps=300, lr=2e-3, loss="ohem")
+    history = train.train(model, train_loader, val_loader, cfg)     # model trained in place
+    scores = train.evaluate(model, val_loader)                       # miou, mdice, per_class_iou...
+
+Entry points: :func:`train`, :func:`evaluate`, :func:`predict`, :func:`seed_everything`,
+:class:`TrainConfig`, :func:`segmentation_loss`. The cached baseline models, the profile's
+training config and recovery fine-tuning (all of which take a context) are in
+:mod:`study.sections.common` (``trained_model``, ``train_config``, ``finetune``).
 """
 from __future__ import annotations
 
 import csv
 import io
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import IGNORE_INDEX, NUM_CLASSES
 from .cache import atomic_write_text
+from .data import batch_stream
 from .metrics import SegmentationMeter
+
+
+#: Set (to "1") by the notebook runner: notebooks executed in batch print one summary line
+#: per training instead of progress bars, so saved notebooks stay readable.
+BATCH_ENV = "SEGCOMPRESS_BATCH"
+
+
+def progress_bar(iterable, desc: str, enabled: bool = True, **kw):
+    """A tqdm progress bar over ``iterable`` (widgets in JupyterLab, text in a terminal).
+
+    Disabled when ``enabled`` is False or when the environment variable
+    :data:`BATCH_ENV` is ``"1"`` (papermill runs); callers then print one summary line.
+    """
+    quiet = not enabled or os.environ.get(BATCH_ENV) == "1"
+    return tqdm(iterable, desc=desc, disable=quiet, leave=False, **kw)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch, and ask torch for deterministic algorithms.
+
+    Args:
+        seed: any non-negative int.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.benchmark = False
 
 
 @dataclass
@@ -115,14 +159,6 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _batches(loader, rank: int, world: int) -> Iterator:
-    """Endless stream of batches; under DDP each rank keeps every world-th batch."""
-    while True:
-        for i, batch in enumerate(loader):
-            if i % world == rank:
-                yield batch
-
-
 def _model_device(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -151,7 +187,6 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, loss_fn:
         history dict: ``steps`` (list), ``loss`` (list of floats), ``lr``, ``evals``
         (list of dicts with step, miou, mdice), ``seconds`` (wall time, s), ``config``.
     """
-    from tqdm.auto import tqdm
 
     device = _model_device(model)
     rank, world = _dist_info()
@@ -163,9 +198,9 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, loss_fn:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     hist = {"steps": [], "loss": [], "lr": [], "evals": [], "logs": [], "config": asdict(cfg)}
-    stream = _batches(train_loader, rank, world)
+    stream = batch_stream(train_loader, rank, world)
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress or rank != 0, leave=False)
+    bar = progress_bar(range(cfg.steps), desc, enabled=progress and rank == 0)
     model.train()
     for step in bar:
         images, masks = next(stream)
@@ -200,6 +235,10 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, loss_fn:
             model.train()
     model.eval()
     hist["seconds"] = time.perf_counter() - t0
+    if progress and rank == 0 and os.environ.get(BATCH_ENV) == "1" and cfg.steps:
+        last_eval = f", val mIoU {hist['evals'][-1]['miou']:.4f}" if hist["evals"] else ""
+        print(f"{desc}: {cfg.steps} steps in {hist['seconds']:.0f} s, final loss "
+              f"{np.mean(hist['loss'][-10:]):.3f}{last_eval}", flush=True)
     if cfg.log_csv and rank == 0:
         _write_log(cfg.log_csv, hist)
     return hist
@@ -218,12 +257,11 @@ def _write_log(path: str, hist: dict) -> None:
 @torch.inference_mode()
 def predict(model: nn.Module, loader, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true label maps: two uint8 arrays (N, H, W) over the whole loader."""
-    from tqdm.auto import tqdm
 
     device = _model_device(model)
     model.eval()
     preds, targets = [], []
-    for images, masks in tqdm(loader, desc="predict", disable=not progress, leave=False):
+    for images, masks in progress_bar(loader, "predict", enabled=progress):
         preds.append(model(images.to(device)).argmax(1).cpu().numpy().astype(np.uint8))
         targets.append(masks.numpy().astype(np.uint8))
     return np.concatenate(preds), np.concatenate(targets)
@@ -237,14 +275,13 @@ def evaluate(model: nn.Module, loader, num_classes: int = NUM_CLASSES, progress:
         dict with ``miou``, ``mdice``, ``pixel_acc``, ``per_class_iou`` (list of C floats,
         NaN where a class is absent), ``confusion`` (C x C nested list), ``seconds``.
     """
-    from tqdm.auto import tqdm
 
     device = _model_device(model)
     was_training = model.training
     model.eval()
     meter = SegmentationMeter(num_classes)
     t0 = time.perf_counter()
-    for images, masks in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    for images, masks in progress_bar(loader, "eval", enabled=progress):
         logits = model(images.to(device))
         meter.update(logits.argmax(1).cpu().numpy(), masks.numpy())
     s = meter.compute()
@@ -254,113 +291,9 @@ def evaluate(model: nn.Module, loader, num_classes: int = NUM_CLASSES, progress:
             "confusion": s["confusion"].tolist(), "seconds": time.perf_counter() - t0}
 
 
-# --------------------------------------------------------------------------- cached baselines
-
-def loaders(ctx, batch_size: int | None = None, seed: int | None = None):
-    """``(train_loader, val_loader)`` of the context's dataset and profile (see study.data)."""
-    from .data import make_loaders
-
-    return make_loaders(ctx.data_root, ctx.profile, ctx.seed if seed is None else seed, batch_size=batch_size)
-
-
-def model_kwargs(name: str, profile) -> dict:
-    """Builder arguments that depend on the profile (Swin needs its input size)."""
-    return {"img_size": profile.crop_size} if "swin" in name else {}
-
-
-def build(name: str, profile) -> nn.Module:
-    """``study.models.create_model(name)`` with the profile-dependent arguments."""
-    from .models import create_model
-
-    return create_model(name, num_classes=NUM_CLASSES, **model_kwargs(name, profile))
-
-
-def default_config(ctx, name: str, steps: int | None = None) -> TrainConfig:
-    """The profile's training config for model ``name`` (teacher gets ``teacher_steps``)."""
-    p = ctx.profile
-    if steps is None:
-        steps = p.teacher_steps if name == p.teacher else p.student_steps
-    return TrainConfig(steps=steps, lr=p.lr, eval_every=p.eval_every,
-                       ohem_min_kept=max(256, p.batch_size * p.crop_size * p.crop_size // 16))
-
-
-def train_cached(ctx, tag: str, build_fn: Callable[[], nn.Module], cfg: TrainConfig,
-                 loss_fn_factory: Callable[[], LossFn] | None = None, seed: int | None = None,
-                 extra_key: dict | None = None, code: tuple = ()) -> tuple[nn.Module, dict]:
-    """Train ``build_fn()`` with ``cfg`` unless a cache entry exists; return (model, record).
-
-    The cache key covers ``tag``, ``cfg``, the profile, the seed, the data fingerprint,
-    ``extra_key`` and the source of this module, :mod:`study.models`, :mod:`study.data`
-    and the ``code`` objects given. The record holds ``state_dict``, ``scores`` (see
-    :func:`evaluate`) and ``history``.
-    """
-    from . import data as sdata
-    from . import models as smodels
-    from .context import seed_everything
-
-    seed = ctx.seed if seed is None else seed
-    key_cfg = {"tag": tag, "train": asdict(cfg), "profile": ctx.profile.to_dict(), **(extra_key or {})}
-
-    def compute():
-        seed_everything(seed)
-        model = build_fn().to(ctx.device)
-        tr, va = loaders(ctx, seed=seed)
-        loss_fn = loss_fn_factory() if loss_fn_factory else None
-        log = ctx.out_dir / "logs" / f"{tag}-seed{seed}.csv"
-        hist = train(model, tr, va, TrainConfig(**{**asdict(cfg), "log_csv": str(log)}), loss_fn=loss_fn, desc=tag)
-        scores = evaluate(model, va, progress=False)
-        return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "scores": scores, "history": {k: hist[k] for k in ("loss", "evals", "seconds")}}
-
-    rec = ctx.cache.memo(tag, key_cfg, compute, seed=seed, data_fp=ctx.data_fp,
-                         code=(sys.modules[__name__], smodels, sdata, *code))
-    model = build_fn()
-    model.load_state_dict(rec["state_dict"])
-    model.to(ctx.device).eval()
-    return model, rec
-
-
-def trained_model(ctx, name: str, steps: int | None = None, seed: int | None = None) -> tuple[nn.Module, dict]:
-    """A zoo model trained from scratch on the context's data (cached, shared by all sections).
-
-    Args:
-        ctx: :class:`study.context.Context`.
-        name: registry name (``ctx.profile.teacher`` trains for ``teacher_steps``).
-        steps: override the number of training steps.
-        seed: override the context seed.
-
-    Returns:
-        ``(model in eval mode, scores)`` with scores as returned by :func:`evaluate`
-        plus ``train_seconds``.
-    """
-    cfg = default_config(ctx, name, steps)
-    model, rec = train_cached(ctx, f"baseline-{name}", lambda: build(name, ctx.profile), cfg, seed=seed)
-    return model, {**rec["scores"], "train_seconds": rec["history"]["seconds"]}
-
-
-def finetune(model: nn.Module, ctx, steps: int, loss_fn: LossFn | None = None, lr: float | None = None,
-             progress: bool = True, desc: str = "finetune") -> dict:
-    """Recovery fine-tune of ``model`` in place (not cached; callers cache the result).
-
-    Uses a quarter of the profile's peak learning rate, a short warm-up and the same loss
-    and data as training. Returns the :func:`train` history.
-    """
-    if steps <= 0:
-        return {"loss": [], "evals": [], "seconds": 0.0}
-    tr, _ = loaders(ctx)
-    cfg = default_config(ctx, "", steps)
-    cfg.lr = lr if lr is not None else ctx.profile.lr * 0.25
-    cfg.eval_every = 0
-    cfg.warmup_steps = max(1, steps // 10)
-    return train(model, tr, None, cfg, loss_fn=loss_fn, progress=progress, desc=desc)
-
-
 def _ddp_main() -> None:  # pragma: no cover - exercised through torchrun in tests
     """``torchrun --nproc_per_node 2 -m study.train OUT``: train a tiny model under DDP (gloo)
     on synthetic data and write each rank's flattened weights to ``OUT/rank<r>.pt``."""
-    import sys
-    from pathlib import Path
-
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, _ = _dist_info()
     torch.manual_seed(0)

@@ -224,6 +224,79 @@ def test_benchmark_onnx(tiny, tmp_path):
         bench.benchmark_onnx(tiny, (0, 16))
 
 
+def test_time_callable_is_the_device_runners():
+    # one timer: the host API re-exports the device runner's function, it does not copy it
+    assert bench.time_callable is dr.time_callable
+    assert bench.summarize_latencies is dr.summarize_latencies
+
+
+def test_ort_session_settings_and_errors(tiny, tmp_path):
+    sess = bench.ort_session(tiny, threads=2)
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    opts = sess.get_session_options()
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
+    x = np.ones((1, 3, 8, 8), np.float32)
+    assert sess.run(None, {"x": x})[0].shape == (1, 4, 8, 8)
+    # None keeps onnxruntime's default (0 = one thread per physical core)
+    assert bench.ort_session(tiny, threads=None).get_session_options().intra_op_num_threads == 0
+    with pytest.raises(FileNotFoundError, match="absent.onnx"):
+        bench.ort_session(tmp_path / "absent.onnx", threads=1)
+    with pytest.raises(ValueError, match="threads"):
+        bench.ort_session(tiny, threads=0)
+
+
+def test_benchmark_onnx_builds_its_session_with_ort_session(tiny, monkeypatch):
+    calls = []
+    real = bench.ort_session
+
+    def spy(path, threads, providers=None, **kw):
+        calls.append((Path(path), threads, list(providers or [])))
+        return real(path, threads, providers, **kw)
+
+    monkeypatch.setattr(bench, "ort_session", spy)
+    r = bench.benchmark_onnx(tiny, (16, 16), threads=3, **FAST)
+    assert calls[-1][:2] == (Path(tiny), 3) and r["threads"] == 3
+    assert calls[-1][2][-1] == "CPUExecutionProvider" and r["providers"][-1] == "CPUExecutionProvider"
+    r = bench.benchmark_onnx(tiny, (16, 16), providers=["CPUExecutionProvider"], **FAST)
+    assert calls[-1][1:] == (None, ["CPUExecutionProvider"]) and r["threads"] == 0
+
+
+def test_bench_imports_no_private_names_and_no_heavy_modules():
+    src = Path(bench.__file__).read_text()
+    tree = ast.parse(src)
+    private = [f"{n.value.id}.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+               and isinstance(n.value, ast.Name) and n.value.id == "dr" and n.attr.startswith("_")
+               and not n.attr.startswith("__")]
+    assert not private, private
+    # the remote CLI needs neither torch, onnxruntime, numpy nor pandas on this machine
+    import subprocess
+    import sys
+    code = ("import sys, study.bench; heavy = {'torch', 'onnxruntime', 'numpy', 'pandas'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(bench.__file__).parent.parent, check=True).stdout.strip()
+    assert out == "[]", out
+
+
+def test_measure_file_on_the_local_runner(tiny):
+    target = {"mode": "local", "host": None, "remote_python": None, "device": "here", "reason": "test"}
+    res, stored = bench.measure_file(target, tiny, input_hw=(16, 16), threads=1, warmup_s=0.0, min_s=0.05,
+                                     min_runs=3, results_dir="/nonexistent/never-written")
+    assert stored is None and res["ok"] and res["runs"] >= 3 and res["input_hw"] == [16, 16]
+    assert res["provenance"]["host"] == "localhost" and "run_local_runner" in res["provenance"]["measured_by"]
+
+
+def test_choose_target_with_an_unusable_host_raises(monkeypatch):
+    monkeypatch.setattr(bench, "ssh_reachable", lambda host, **kw: (False, "connection refused"))
+    with pytest.raises(bench.RemoteBenchError, match="nohost.invalid") as ei:
+        bench.choose_target("nohost.invalid")
+    assert ei.value.kind == "unreachable"
+    monkeypatch.setattr(bench, "ssh_reachable", lambda host, **kw: (True, "ok"))
+    t = bench.choose_target("jetson")
+    assert t["mode"] == "ssh" and t["host"] == "jetson" and t["remote_python"] == "python3"
+    assert "jetson" in t["device"]
+
+
 def test_benchmark_torch_threads_and_no_mutation():
     import torch
 

@@ -1,14 +1,20 @@
-"""Properties of the distillation losses and of the KD training glue (study.distill)."""
+"""Properties of the KD losses and loss builder (study.distill) and of section 01's runners,
+choice rules and table (study.sections.distillation)."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from study import IGNORE_INDEX
+from study import BASE_COLUMNS, CLASS_NAMES, IGNORE_INDEX, RARE_CLASSES
+from study.cache import code_closure
 from study.distill import (FeatureAdapters, KDConfig, KDStudent, cwd_loss, feature_mse, kd_kl, kd_mse,
                            make_kd_loss)
+from study.models import model_fingerprint
+from study.profiles import PROFILES
+from study.sections import distillation as sec
 from study.train import TrainConfig, train
 
 K = 5
@@ -217,20 +223,148 @@ def test_none_method_is_plain_segmentation_loss_and_config_validation():
     assert l1.item() == pytest.approx(lg["seg"] + 0.5 * lg["kd"], rel=1e-5)
 
 
+def test_make_kd_loss_dispatches_each_method_to_its_loss():
+    """The KD term logged is exactly the loss the method names (KL, MSE, CWD)."""
+    torch.manual_seed(0)
+    s, teacher = TinySeg().eval(), TinySeg(widths=(8, 12)).eval()
+    x, y = _data(1)[0]
+    with torch.no_grad():
+        zs, zt = s(x), teacher(x)
+    expect = {"kl": kd_kl(zs, zt, y, 3.0), "mse": kd_mse(zs, zt, y), "cwd": cwd_loss(zs, zt, 3.0)}
+    for method, ref in expect.items():
+        with torch.no_grad():
+            _, logs = make_kd_loss(teacher, KDConfig(method, 3.0, 1.0), train_cfg=TrainConfig(loss="ce"))(s, x, y)
+        assert logs["kd"] == pytest.approx(ref.item(), rel=1e-5), method
+
+
+# ----------------------------------------------------------------------------- section 01 (study.sections.distillation)
+
+def _ctx(tmp_path, fresh=False):
+    return SimpleNamespace(out_dir=tmp_path, profile=PROFILES["smoke"], seed=0, data_fp="d", device=torch.device("cpu"),
+                           cache=SimpleNamespace(root=tmp_path / "cache", fresh=fresh), generated_data=True)
+
+
 def test_kd_student_reads_notebook_choice_and_falls_back(tmp_path, monkeypatch, capsys):
-    from types import SimpleNamespace
-
-    import study.distill as D
-    from study.profiles import PROFILES
-
     seen = []
-    monkeypatch.setattr(D, "distill_student", lambda ctx, student, cfg, steps=None: seen.append((student, cfg, steps))
+    monkeypatch.setattr(sec, "distill_student", lambda ctx, student, cfg, steps=None: seen.append((student, cfg, steps))
                         or ("model", {"miou": 0.5}))
-    ctx = SimpleNamespace(out_dir=tmp_path, profile=PROFILES["smoke"], seed=0)
-    _, rec = D.kd_student(ctx)
+    ctx = _ctx(tmp_path)
+    _, rec = sec.kd_student(ctx)
     assert rec["kd_choice_source"] == "fallback" and "fallback" in capsys.readouterr().out
-    assert seen[-1] == (D.MAIN_STUDENT, KDConfig(**D.FALLBACK_CHOICE), D.kd_steps(ctx.profile))
+    assert seen[-1] == (sec.MAIN_STUDENT, KDConfig(**sec.FALLBACK_CHOICE), sec.kd_steps(ctx.profile))
     chosen = KDConfig("cwd", 4.0, 3.0)
-    D.save_kd_choice(ctx, chosen, 7, {"cwd": {"miou": 0.1}})
-    _, rec = D.kd_student(ctx)
-    assert rec["kd_choice_source"] == "notebook 01" and seen[-1] == (D.MAIN_STUDENT, chosen, 7)
+    sec.save_kd_choice(ctx, chosen, 7, {"cwd": {"miou": 0.1}})
+    _, rec = sec.kd_student(ctx)
+    assert rec["kd_choice_source"] == "notebook 01" and seen[-1] == (sec.MAIN_STUDENT, chosen, 7)
+
+
+def test_distill_student_cache_key_holds_the_teacher_weights_and_the_distill_code(tmp_path, monkeypatch):
+    """The KD cache key names the exact teacher weights (model_fingerprint) and covers study.distill."""
+    torch.manual_seed(0)
+    teachers = iter([TinySeg(widths=(8, 12)), TinySeg(widths=(8, 12))])  # two different random inits
+    loaded, calls = [], []
+
+    def fake_trained_model(ctx, name, steps=None, seed=None):
+        loaded.append(name)
+        return next(teachers), {"miou": 0.4}
+
+    def fake_train_cached(ctx, tag, build_fn, cfg, loss_fn_factory=None, seed=None, extra_key=None, modules=()):
+        calls.append({"tag": tag, "steps": cfg.steps, "seed": seed, "extra": extra_key, "modules": list(modules),
+                      "loss_fn": loss_fn_factory()})
+        return TinySeg(), {"scores": {"miou": 0.1, "mdice": 0.2}, "history": {"seconds": 1.5}}
+
+    monkeypatch.setattr(sec, "trained_model", fake_trained_model)
+    monkeypatch.setattr(sec, "train_cached", fake_train_cached)
+    ctx = _ctx(tmp_path, fresh=True)  # fresh: the teacher is reloaded on every call
+    _, rec = sec.distill_student(ctx, cfg=KDConfig("kl", 2.0, 1.0), seed=3)
+    first = calls[-1]
+    assert first["tag"] == f"kd-{sec.MAIN_STUDENT}-kl-T2-w1" and first["seed"] == 3
+    assert first["steps"] == sec.kd_steps(ctx.profile) and rec["steps"] == first["steps"]
+    assert first["extra"]["kd"] == {"method": "kl", "temperature": 2.0, "kd_weight": 1.0, "feat_weight": 0.0}
+    assert first["extra"]["teacher"]["name"] == ctx.profile.teacher
+    assert {"study.distill", "study.sections.distillation", "study.train"} <= set(code_closure(*first["modules"]))
+    assert rec["teacher_miou"] == 0.4 and rec["train_seconds"] == 1.5 and rec["seed"] == 3
+    sec.distill_student(ctx, cfg=KDConfig("kl", 2.0, 1.0), seed=3)
+    second = calls[-1]
+    # a teacher with other weights gives another key
+    assert first["extra"]["teacher"]["weights"] != second["extra"]["teacher"]["weights"]
+    # "none" trains without loading a teacher and keys no teacher
+    n = len(loaded)
+    _, rec = sec.distill_student(ctx, cfg=KDConfig("none"))
+    assert len(loaded) == n and calls[-1]["extra"]["teacher"] is None and math.isnan(rec["teacher_miou"])
+
+
+def test_teacher_is_shared_and_its_key_is_model_fingerprint(tmp_path, monkeypatch):
+    t = TinySeg(widths=(8, 12))
+    keys, loads = [], []
+    monkeypatch.setattr(sec, "trained_model",
+                        lambda ctx, name, steps=None, seed=None: loads.append(name) or (t, {"miou": 0.4}))
+    monkeypatch.setattr(sec, "train_cached", lambda ctx, tag, build_fn, cfg, **kw: keys.append(kw["extra_key"])
+                        or (TinySeg(), {"scores": {"miou": 0.1}, "history": {"seconds": 0.0}}))
+    ctx = _ctx(tmp_path / "shared")  # not fresh: the teacher is loaded once per process and context
+    model, scores = sec.teacher(ctx)
+    assert model is t and scores == {"miou": 0.4}
+    sec.distill_student(ctx, cfg=KDConfig("mse", 1.0, 1.0))
+    assert sec.teacher(ctx)[0] is t and len(loads) == 1
+    assert keys[-1]["teacher"]["weights"] == model_fingerprint(t)
+
+
+def test_choice_rules_take_the_best_and_the_first_on_ties():
+    sweep = {(1.0, 1.0): {"miou": 0.3}, (2.0, 1.0): {"miou": 0.5}, (4.0, 1.0): {"miou": 0.5},
+             (2.0, 0.5): {"miou": 0.4}}
+    assert sec.best_kl(sweep) == KDConfig("kl", 2.0, 1.0)
+    summ = {"none": {"miou": 0.9}, "kl": {"miou": 0.2}, "mse": {"miou": 0.6}, "cwd": {"miou": 0.6}}
+    assert sec.best_kd_method(summ) == "mse"  # "none" never wins; the first of equal ones does
+    cfgs = sec.main_configs(KDConfig("kl", 4.0, 0.5))
+    assert list(cfgs) == ["none", "kl", "mse", "kl+feat", "cwd"]
+    assert cfgs["kl+feat"] == KDConfig("kl+feat", 4.0, 0.5, sec.FEAT_WEIGHT)
+    assert sec.sweep_plan(PROFILES["cpu"])["steps"] == PROFILES["cpu"].student_steps // 3
+    assert sec.kd_steps(PROFILES["smoke"]) == PROFILES["smoke"].student_steps
+
+
+def test_summarize_means_sample_std_and_nan_classes():
+    nan = float("nan")
+    recs = [{"miou": 0.2, "mdice": 0.3, "train_seconds": 1.0, "per_class_iou": [0.1, nan, 0.5]},
+            {"miou": 0.4, "mdice": 0.5, "train_seconds": 3.0, "per_class_iou": [0.3, nan, nan]}]
+    s = sec.summarize(recs, ["a", "b", "c"])
+    assert s["miou"] == pytest.approx(0.3) and s["miou_std"] == pytest.approx(math.sqrt(0.02))
+    assert s["mdice"] == pytest.approx(0.4) and s["train_seconds"] == 2.0 and s["seeds"] == 2
+    assert s["iou_a"] == pytest.approx(0.2) and math.isnan(s["iou_b"]) and s["iou_c"] == 0.5
+    assert math.isnan(sec.summarize(recs[:1], ["a", "b", "c"])["miou_std"])
+
+
+def test_table_rows_one_per_run_with_settings_and_reported_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(sec, "build", lambda name, profile: nn.Identity())
+    monkeypatch.setattr(sec, "model_complexity", lambda model, hw: {"params_m": 1.5, "gmacs": 0.25})
+    ctx = _ctx(tmp_path)
+
+    def rec(m):
+        return {"miou": m, "mdice": m + 0.1, "train_seconds": 2.0, "per_class_iou": [m] * len(CLASS_NAMES)}
+
+    sweep = {(1.0, 1.0): rec(0.1), (2.0, 1.0): rec(0.2), (4.0, 1.0): rec(0.15), (2.0, 0.5): rec(0.12),
+             (2.0, 2.0): rec(0.11)}
+    configs = sec.main_configs(sec.best_kl(sweep))
+    summ = {m: sec.summarize([rec(0.3 + (m == "cwd") * 0.1), rec(0.5)]) for m in configs}
+    assert sec.best_kd_method(summ) == "cwd"
+    second = {"none": rec(0.05), "cwd": rec(0.06)}
+    rows = sec.table_rows(ctx, teacher_scores=rec(0.7), base_scores=rec(0.4), configs=configs, summaries=summ,
+                          sweep=sweep, second=second)
+    assert len(rows) == 2 + len(configs) + len(sweep) + len(second)
+    assert all(tuple(r)[:len(BASE_COLUMNS)] == BASE_COLUMNS and r["section"] == "distillation" for r in rows)
+    assert all(r["params_m"] == 1.5 and r["gmacs"] == 0.25 and r["input_hw"] == "64x64" for r in rows)
+    assert all(f"iou_{c}" in r for r in rows for c in RARE_CLASSES)
+    teacher = rows[0]
+    assert teacher["model"] == ctx.profile.teacher and math.isnan(teacher["temperature"])
+    assert math.isnan(teacher["teacher_miou"]) and teacher["steps"] == ctx.profile.teacher_steps
+    by = {(r["model"], r["method"]): r for r in rows}
+    main = {m: by[(sec.MAIN_STUDENT, m)] for m in configs}
+    assert main["none"]["reported_by_source000_miou"] == 0.5365 and main["mse"]["reported_by_source000_miou"] == 0.6056
+    assert math.isnan(main["kl"]["reported_by_source000_miou"])
+    assert main["kl"]["miou"] == pytest.approx(0.4) and main["kl"]["seeds"] == 2 and main["kl"]["miou_std"] > 0
+    assert main["kl"]["temperature"] == 2.0 and math.isnan(main["mse"]["temperature"])
+    assert main["kl+feat"]["feat_weight"] == sec.FEAT_WEIGHT and math.isnan(main["cwd"]["feat_weight"])
+    assert math.isnan(main["none"]["kd_weight"]) and main["cwd"]["kd_weight"] == sec.CWD_WEIGHT
+    assert all(r["teacher_miou"] == 0.7 for r in rows[1:])
+    assert by[(sec.SECOND_STUDENT, "cwd")]["temperature"] == sec.CWD_TEMPERATURE
+    text = sec.verdict(ctx, teacher_scores=rec(0.7), base_scores=rec(0.4), summaries=summ, sweep=sweep, second=second)
+    assert "one seed" in text and "T=2, λ=1" in text and "(+0.0100)" in text and "spans 0.1000" in text

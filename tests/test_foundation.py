@@ -146,3 +146,55 @@ def test_runner_rejects_malformed_data_root_and_paper_without_gpu(tmp_path):
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "GPU" in r.stderr
         assert not (tmp_path / "b").exists()
+
+
+def test_code_closure_follows_imports_transitively():
+    from study.cache import code_closure
+
+    names = code_closure("study.sections.common")
+    # common imports train, which imports data and metrics: all of them are in the key
+    for m in ("study.sections.common", "study.train", "study.models", "study.data", "study.metrics"):
+        assert m in names, m
+    # ...but not the method modules it does not import (editing them keeps trained baselines)
+    assert "study.prune" not in names and "study.quant" not in names
+
+
+def test_closure_fingerprint_changes_when_an_imported_module_changes(tmp_path, monkeypatch):
+    import study.cache as cache_mod
+
+    before = cache_mod.closure_fingerprint("study.sections.common")
+    real = cache_mod._module_file
+    edited = tmp_path / "metrics.py"
+    edited.write_text(real("study.metrics").read_text() + "\n# an edit\n")
+    monkeypatch.setattr(cache_mod, "_module_file", lambda n: edited if n == "study.metrics" else real(n))
+    after = cache_mod.closure_fingerprint("study.sections.common")
+    assert before != after
+    assert make_key({"a": 1}, 0, "fp", ["study.sections.common"]) != make_key({"a": 1}, 0, "fp", ["study.models"])
+
+
+def test_model_fingerprint_sees_weights_shapes_and_pruning_record():
+    from study.models import model_fingerprint
+
+    torch.manual_seed(0)
+    a = torch.nn.Conv2d(3, 4, 3)
+    b = torch.nn.Conv2d(3, 4, 3)
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.weight[0, 0, 0, 0] += 1e-3
+    assert model_fingerprint(a) != model_fingerprint(b)
+    b.load_state_dict(a.state_dict())
+    b.segcompress_prune = [{"op": "structured", "sparsity": 0.5}]
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_batch_stream_continues_across_consumers_and_rejects_empty_loaders():
+    from study.data import batch_stream
+
+    s = batch_stream([1, 2, 3])
+    assert s.take(2) == [1, 2]
+    assert [next(iter(s)) for _ in range(3)] == [3, 1, 2]  # continues, then restarts the epoch
+    assert batch_stream(s) is s
+    assert batch_stream(range(6), rank=1, world=2).take(4) == [1, 3, 5, 1]
+    with pytest.raises(ValueError, match="no batch"):
+        next(batch_stream([]))

@@ -72,3 +72,38 @@ def test_bad_input_raises():
         segmentation_scores(np.zeros((1, 2, 2)), np.zeros((1, 3, 3)))
     with pytest.raises(ValueError, match="outside"):
         segmentation_scores(np.full((1, 2, 2), 20), np.zeros((1, 2, 2)))
+
+
+def test_bootstrap_interval_excludes_zero_only_for_a_real_difference():
+    from study.metrics import bootstrap_miou_diff, confusion_matrix, miou_from_confusion, verdict
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 3, (40, 16, 16))
+    good = np.where(rng.random(target.shape) < 0.9, target, rng.integers(0, 3, target.shape))
+    bad = np.where(rng.random(target.shape) < 0.6, target, rng.integers(0, 3, target.shape))
+    cm = lambda p: np.stack([confusion_matrix(a, b, 3) for a, b in zip(p, target)])  # noqa: E731
+    res = bootstrap_miou_diff(cm(good), cm(bad), n_boot=300)
+    # the point estimate is the dataset-level mIoU difference, computed independently
+    direct = miou_from_confusion(confusion_matrix(good, target, 3)) - miou_from_confusion(confusion_matrix(bad, target, 3))
+    assert res["diff"] == pytest.approx(direct)
+    assert res["ci95_low"] > 0 and verdict(res["ci95_low"], res["ci95_high"]) == "helps"
+    same = bootstrap_miou_diff(cm(good), cm(good), n_boot=100)
+    assert same["ci95_low"] == same["ci95_high"] == 0.0
+    assert verdict(same["ci95_low"], same["ci95_high"]) == "no detectable difference at this budget"
+    with pytest.raises(ValueError):
+        bootstrap_miou_diff(cm(good)[:1], cm(bad)[:1])
+
+
+def test_paired_seed_interval_matches_t_formula_and_verdicts():
+    from study.metrics import paired_seed_ci, verdict
+
+    a, b = [0.52, 0.55, 0.50], [0.40, 0.45, 0.41]
+    r = paired_seed_ci(a, b)
+    d = np.subtract(a, b)
+    half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+    assert r["diff"] == pytest.approx(d.mean()) and r["ci95_high"] - r["diff"] == pytest.approx(half)
+    assert verdict(r["ci95_low"], r["ci95_high"]) == "helps"
+    assert verdict(-0.2, -0.1) == "hurts" and verdict(-0.2, -0.1, higher_is_better=False) == "helps"
+    assert verdict(float("nan"), 1.0) == "no detectable difference at this budget"
+    with pytest.raises(ValueError):
+        paired_seed_ci([0.5], [0.4])

@@ -54,8 +54,9 @@ def test_unknown_model_name_lists_known_models():
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="num_classes"):
         create_model("topformer_t", num_classes=0)
-    with pytest.raises(ValueError, match="pretrained"):
-        create_model("topformer_t", pretrained=True)
+    from study.models import WeightsError
+    with pytest.raises(WeightsError, match="weights_dir holding topformer/topformer-T-224-66.2.pth"):
+        create_model("topformer_t", pretrained=True)  # not on the timm hub
     with pytest.raises(ValueError, match="img_size"):
         create_model("upernet_swinv2_t", img_size=100)
     with pytest.raises(ValueError, match="already registered"):

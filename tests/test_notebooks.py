@@ -61,6 +61,51 @@ def test_run_json_and_report(smoke_build):
         assert f'id="{stem}"' in html and f'href="#{stem}"' in html
 
 
+@pytest.mark.parametrize("stem", list(NOTEBOOKS))
+def test_every_saved_figure_is_shown_in_its_executed_notebook(smoke_build, stem):
+    """Each PNG a notebook saved is also an image output of that notebook (same bytes)."""
+    import base64
+
+    build, _ = smoke_build
+    nb = nbformat.read(build / "smoke" / "notebooks" / f"{stem}.ipynb", as_version=4)
+    shown = {base64.b64decode(o["data"]["image/png"]) for c in nb.cells if c.cell_type == "code"
+             for o in c.get("outputs", []) if "image/png" in o.get("data", {})}
+    saved = [p for sec in NOTEBOOKS[stem] for p in (build / "smoke" / "figures").glob(f"{sec}_*.png")]
+    assert saved, f"{stem} saved no figure"
+    missing = [p.name for p in saved if p.read_bytes() not in shown]
+    assert not missing, f"{stem}: saved but not displayed: {missing}"
+    assert len(shown) >= len(saved)
+
+
+@pytest.mark.parametrize("stem", list(NOTEBOOKS))
+def test_executed_notebooks_hold_no_progress_bars(smoke_build, stem):
+    build, _ = smoke_build
+    nb = nbformat.read(build / "smoke" / "notebooks" / f"{stem}.ipynb", as_version=4)
+    bars = re.compile(r"\d+%\|.*\|\s*\d+/\d+|it/s\]|s/it\]|TqdmWarning|IProgress")
+    for c in nb.cells:
+        for o in c.get("outputs", []) if c.cell_type == "code" else []:
+            text = o.get("text", "") if o.get("output_type") == "stream" else ""
+            assert not bars.search(text), f"{stem}: progress bar saved in a cell output: {text[:200]!r}"
+
+
+def test_report_renders_offline_in_headless_chromium(smoke_build):
+    """The smoke report, opened in a real browser with no network: math rendered, figures
+    loaded, no error cell, every contents link resolves."""
+    if runner.find_chromium() is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    build, _ = smoke_build
+    out = build / "smoke"
+    res = runner.check_report_in_browser(out / "report.html", screenshot=out / "report-screenshot.png")
+    assert res["math_elements"] > 0, res
+    assert res["raw_dollar_math"] == 0 and res["raw_latex_commands"] == 0 and res["math_errors"] == 0, res
+    assert res["images"] > 0 and res["images_broken"] == 0, res
+    assert res["error_outputs"] == 0 and res["failed_sections"] == 0, res
+    assert res["contents_links"] >= len(NOTEBOOKS) and res["contents_links_broken"] == 0, res
+    assert (out / "report-screenshot.png").stat().st_size > 10_000
+    html = (out / "report.html").read_text()
+    assert "cdnjs.cloudflare.com" not in html and "mathjax" not in html.lower()
+
+
 def test_same_seed_same_tables(smoke_build, tmp_path):
     """Re-running the baselines from scratch (fresh cache) reproduces every non-timing value."""
     build, _ = smoke_build

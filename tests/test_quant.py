@@ -1,15 +1,20 @@
-"""Tests of study.quant: export fidelity, INT8 size, exclusions, kernel counts, TensorRT skip.
+"""Tests of study.quant: export fidelity, INT8 size, exclusions, kernel counts, timers, TensorRT skip.
 
 A tiny conv + attention segmenter (PSP bins that do not divide the feature map, LayerNorm,
 Softmax, MatMul) stands in for the zoo so the whole file runs in seconds.
 """
+from types import SimpleNamespace
+
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from study import quant
+from study import NUM_CLASSES, quant
+from study import data as D
+from study.sections import quantization as sec
 
 
 class _Attn(nn.Module):
@@ -69,7 +74,6 @@ def test_export_matches_torch(tiny):
 
 
 def test_export_falls_back_to_dynamo_for_non_dividing_pool(tmp_path):
-    import onnx
     torch.manual_seed(0)
     model = TinySeg(bins=(1, 2, 3, 6)).eval()  # bins 3 and 6 on a 6x6 map: legacy exporter refuses
     p = quant.export_onnx(model, tmp_path / "psp.onnx", HW)
@@ -103,7 +107,6 @@ def test_int8_smaller_and_runs_integer_kernels(tiny):
 
 
 def test_excluded_nodes_stay_float(tiny):
-    import onnx
     _, path, calib, _, d = tiny
     convs = [n for n, op in quant.quantizable_nodes(path) if op == "Conv"]
     keep = convs[0]
@@ -163,9 +166,38 @@ def test_sensitivity_and_selection(tiny):
         quant.select_nodes_to_exclude(s.assign(mode="only"))
 
 
-def test_torch_lowp_reports_support(tiny):
-    m, why = quant.torch_lowp(tiny[0], torch.bfloat16, input_hw=32)
-    assert (m is None and why) or (m is not None and why == "")
+class _Overflows(nn.Module):
+    """Finite in float32 and bfloat16 (8 exponent bits), +-inf in float16 (max 65504)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x) * 1e6
+
+
+def test_torch_lowp_runs_bf16_and_leaves_the_model_alone(tiny):
+    model = tiny[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m, why = quant.torch_lowp(model, torch.bfloat16, input_hw=32)
+    assert why == "" and m is not None
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    x = torch.from_numpy(tiny[3])
+    with torch.no_grad():
+        out, ref = m(x), model(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape      # fp32 I/O kept
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max() + 1e-3      # bf16 keeps ~3 significant digits
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the input model is not modified
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_torch_lowp_reports_non_finite_logits():
+    torch.manual_seed(0)
+    m, why = quant.torch_lowp(_Overflows().eval(), torch.float16, input_hw=8)
+    assert m is None and why == "torch.float16 forward produced non-finite logits"
+    m, why = quant.torch_lowp(_Overflows().eval(), torch.bfloat16, input_hw=8)
+    assert m is not None and why == ""
 
 
 def test_tensorrt_skip_message(tiny):
@@ -173,4 +205,115 @@ def test_tensorrt_skip_message(tiny):
     if ok:
         pytest.skip("TensorRT and CUDA present: the skip path does not apply")
     with pytest.raises(quant.QuantUnavailable, match="tensorrt is not installed|no CUDA device"):
-        quant.build_trt_engine(tiny[1], "int8", calib_images=tiny[2])
+        quant.build_tensorrt_engine(tiny[1], "int8", calib_images=tiny[2])
+
+
+def test_tensorrt_rejects_bad_arguments(tiny):
+    if not quant.trt_available()[0]:
+        pytest.skip("TensorRT or CUDA absent: availability is checked first (test_tensorrt_skip_message)")
+    with pytest.raises(ValueError, match="precision"):
+        quant.build_tensorrt_engine(tiny[1], "int4")
+    with pytest.raises(ValueError, match="calib_images"):
+        quant.build_tensorrt_engine(tiny[1], "int8")
+
+
+# --------------------------------------------------------------------------- timers (study.bench.time_callable)
+
+class _FakeSession:
+    """Stands in for an ORT session and records each run in a shared log."""
+
+    def __init__(self, tag, log):
+        self.tag, self.log = tag, log
+
+    def get_inputs(self):
+        return [SimpleNamespace(name="image")]
+
+    def run(self, _outputs, feed):
+        assert list(feed) == ["image"] and feed["image"].shape == (1, 3, 16, 24)
+        self.log.append(self.tag)
+        return [feed["image"]]
+
+
+@pytest.fixture
+def fake_sessions(monkeypatch):
+    log = []
+    opened = []
+
+    def fake(path, threads, **kw):
+        opened.append((str(path), threads))
+        return _FakeSession(str(path), log)
+
+    monkeypatch.setattr(quant, "ort_session", fake)
+    return log, opened
+
+
+def test_latency_ms_runs_warmup_then_runs(fake_sessions):
+    log, opened = fake_sessions
+    ms = quant.latency_ms("a.onnx", (16, 24), runs=7, warmup=3)
+    assert log == ["a.onnx"] * 10 and opened == [("a.onnx", quant.DEFAULT_THREADS)]
+    assert np.isfinite(ms) and ms >= 0
+
+
+def test_paired_latency_interleaves_a_and_b(fake_sessions):
+    log, opened = fake_sessions
+    ref_ms, ms = quant.paired_latency_ms("ref.onnx", "b.onnx", (16, 24), runs=4, warmup=2, threads=3)
+    assert log == ["ref.onnx", "b.onnx"] * 6                        # 2 warm-up + 4 timed pairs, A/B/A/B
+    assert opened == [("ref.onnx", 3), ("b.onnx", 3)]
+    assert np.isfinite(ref_ms) and np.isfinite(ms) and ref_ms >= 0 and ms >= 0
+
+
+def test_paired_latency_medians_belong_to_their_model(monkeypatch, fake_sessions):
+    # time_callable's latencies alternate A, B: give A 1 ms and B 5 ms and check which is which
+    def fake_timer(fn, warmup_s, min_s, min_runs, warmup_runs):
+        assert warmup_s == 0 and min_s == 0 and min_runs == 2 * 5 and warmup_runs == 2 * 1
+        return {"latencies_s": [1e-3, 5e-3] * 5, "warmup_runs": warmup_runs, "warmup_s": 0.0, "measure_s": 0.0}
+
+    monkeypatch.setattr(quant, "time_callable", fake_timer)
+    assert quant.paired_latency_ms("ref.onnx", "b.onnx", (16, 24), runs=5, warmup=1) == pytest.approx((1.0, 5.0))
+
+
+def test_real_session_timers_and_missing_file(tiny, tmp_path):
+    _, path, _, _, _ = tiny
+    assert quant.latency_ms(path, HW, runs=2, warmup=1) > 0
+    a, b = quant.paired_latency_ms(path, path, HW, runs=2, warmup=1)
+    assert a > 0 and b > 0
+    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+        quant.ort_predict(tmp_path / "nope.onnx", tiny[3])
+
+
+# --------------------------------------------------------------------------- scores
+
+def test_onnx_scores_are_the_scores_of_the_onnx_logits(tiny):
+    _, path, _, val, _ = tiny
+    logits = quant.ort_predict(path, val)
+    masks = np.random.default_rng(2).integers(0, NUM_CLASSES, (len(val), HW, HW))
+    masks[:, :4] = 255  # ignored
+    s = quant.onnx_scores(path, val, masks)
+    ref = quant.scores_from_logits(logits, masks)
+    assert s["miou"] == ref["miou"] and s["mdice"] == ref["mdice"]
+    perfect = quant.onnx_scores(path, val, np.where(masks == 255, 255, logits.argmax(1)))
+    assert perfect["miou"] == 1.0 and perfect["pixel_acc"] == 1.0
+    with pytest.raises(ValueError):
+        quant.onnx_scores(path, val, masks[:, :8])
+
+
+# --------------------------------------------------------------------------- section module (no training)
+
+def test_section_split_arrays_normalises_and_offsets(tmp_path):
+    root = tmp_path / "data"
+    D.write_dataset(root, n_train=3, n_val=2, size=32, seed=0, workers=1)
+    ctx = SimpleNamespace(profile=SimpleNamespace(image_size=16), data_root=root)
+    x, y = sec.split_arrays(ctx, "train")
+    assert x.shape == (3, 3, 16, 16) and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+    assert y.shape == (3, 16, 16) and y.dtype == np.int64
+    raw, masks = D.load_split_arrays(root, "train", 16)
+    mean, std = np.asarray(D.IMAGENET_MEAN, np.float32), np.asarray(D.IMAGENET_STD, np.float32)
+    np.testing.assert_allclose(x[1].transpose(1, 2, 0), (raw[1] / 255.0 - mean) / std, rtol=1e-6, atol=1e-6)
+    x2, y2 = sec.split_arrays(ctx, "train", limit=1, offset=1)
+    assert np.array_equal(x2, x[1:2]) and np.array_equal(y2, y[1:2])
+
+
+def test_section_calibration_sizes():
+    assert sec.calibration_sizes(32) == [1, 4, 16, 32]
+    assert sec.calibration_sizes(4) == [1, 2, 4]
+    assert sec.calibration_sizes(1) == [1]

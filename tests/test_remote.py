@@ -187,6 +187,20 @@ def test_success_stores_result_with_provenance(first_result, sshd):
     assert len(df) == 1 and df.loc[0, "runtime"] == "ort" and df.loc[0, "source"].endswith(path.name)
 
 
+def test_measure_file_over_ssh_stores_like_run_remote(sshd, tiny_model, tmp_path):
+    """An SSH target from ``choose_target`` measures through ``run_remote`` and stores the result."""
+    kw = sshd.kwargs()
+    target = {"mode": "ssh", "host": "127.0.0.1", "remote_python": kw.pop("remote_python"),
+              "device": "test sshd", "reason": "test"}
+    for k in ("input_hw", "min_s", "min_runs", "warmup_s", "threads", "timeout", "warmup_runs"):
+        kw.pop(k)
+    res, path = bench.measure_file(target, tiny_model, input_hw=(16, 16), threads=1, warmup_s=0.0, min_s=0.1,
+                                   min_runs=3, results_dir=tmp_path / "res", **kw)
+    assert res["ok"] and res["runs"] >= 3 and res["provenance"]["host"] == "127.0.0.1"
+    assert path is not None and path.parent.parent == tmp_path / "res"
+    assert json.loads(path.read_text())["latency_ms_p50"] == res["latency_ms_p50"]
+
+
 def _expect_failure(kind, results, sshd_kwargs, host="127.0.0.1", model=None, tiny=None):
     snap = _snapshot(results)
     before = _segbench_dirs()

@@ -1,4 +1,5 @@
-"""Training loop: losses, schedule, learning on a toy task, DDP weight sync."""
+"""Training loop (study.train): losses, schedule, learning on a toy task, DDP weight sync,
+batch-stream continuation; and the cached baselines built on it (study.sections.common)."""
 import os
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def test_trained_model_uses_a_user_data_root_in_the_published_layout(tmp_path):
 
     from study.context import setup
     from study.data import write_dataset
-    from study.train import trained_model
+    from study.sections.common import trained_model
 
     src = write_dataset(tmp_path / "gen", n_train=8, n_val=4, size=64, seed=3, workers=1)
     root = tmp_path / "lpcvc"
@@ -103,19 +104,41 @@ def test_trained_model_uses_a_user_data_root_in_the_published_layout(tmp_path):
 
 
 def test_cache_key_covers_the_training_code(tmp_path, monkeypatch):
-    """train_cached keys its entries on the source of study.train itself (not just the package)."""
-    import study.train as st
+    """trained_model keys its entries on the import closure of the code that trains (study.train,
+    study.models, study.data, study.sections.common), on the training config and on the profile."""
+    from study.cache import code_closure
     from study.context import setup
+    from study.sections.common import trained_model
 
     seen = {}
 
-    def fake_memo(self, name, config, compute, *, seed=None, data_fp="", code=()):
-        seen["code"] = list(code)
+    def fake_memo(self, name, config, compute, *, seed=None, data_fp="", modules=()):
+        seen.update(name=name, config=config, seed=seed, data_fp=data_fp, modules=list(modules))
         raise RuntimeError("stop")
 
     monkeypatch.setattr("study.cache.ArtifactCache.memo", fake_memo)
     ctx = setup(profile="smoke", build_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="stop"):
-        st.trained_model(ctx, "topformer_t", steps=1)
-    import study.data, study.models
-    assert st in seen["code"] and study.models in seen["code"] and study.data in seen["code"]
+        trained_model(ctx, "topformer_t", steps=1, seed=5)
+    closure = set(code_closure(*seen["modules"]))
+    assert {"study.train", "study.models", "study.data", "study.sections.common"} <= closure
+    assert seen["name"] == "baseline-topformer_t" and seen["seed"] == 5 and seen["data_fp"] == ctx.data_fp
+    assert seen["config"]["train"]["steps"] == 1 and seen["config"]["profile"] == ctx.profile.to_dict()
+
+
+def test_train_accepts_a_batch_stream_and_continues_it():
+    """Two train() calls on one BatchStream see consecutive batches, not the first ones again."""
+    from study.data import batch_stream
+
+    data = _toy_data(4)
+    seen = []
+
+    def loss_fn(model, images, masks):
+        seen.append(float(images[0, 0, 0, 0]))
+        return F.cross_entropy(model(images), masks), {}
+
+    stream = batch_stream(data)
+    m = nn.Conv2d(3, 14, 1)
+    for _ in range(2):
+        train(m, stream, None, TrainConfig(steps=3, lr=1e-3, loss="ce", amp=False), loss_fn=loss_fn, progress=False)
+    assert seen == [float(data[i % 4][0][0, 0, 0, 0]) for i in range(6)]

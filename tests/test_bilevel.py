@@ -1,12 +1,19 @@
-"""Tests of study.search (bi-level pruning parameterization, source 002) on tiny CNNs."""
+"""Tests of study.bilevel (bi-level pruning parameterization, source 002) on tiny CNNs, and of
+the notebook-06 section runner study.sections.bilevel_search.compress on the smoke profile."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from study import search as S
+from study import BASE_COLUMNS, bilevel
+from study.context import setup
+from study.data import batch_stream
+from study.models import gmacs
+from study.sections import bilevel_search as sec
+from study.sections import common
 
 
 class Tiny(nn.Module):
@@ -66,7 +73,7 @@ def tiny():
 
 
 def test_groups_share_masks_and_skip_classifier(tiny):
-    mm = S.attach_masks(tiny, torch.zeros(1, 3, 32, 32))
+    mm = bilevel.attach_masks(tiny, torch.zeros(1, 3, 32, 32))
     keys = [g.key for g in mm.groups]
     assert "classifier" not in keys
     # c1 + depth-wise c2 are one group; c3 + c4 (residual add) are one group
@@ -79,16 +86,16 @@ def test_groups_share_masks_and_skip_classifier(tiny):
 
 def test_masked_macs_equals_counted_macs_of_pruned_model_and_same_function(tiny):
     x = torch.randn(2, 3, 32, 32)
-    mm = S.attach_masks(tiny, x[:1])
-    assert mm.dense_gmacs == pytest.approx(S.counted_gmacs(tiny, (32, 32)))
+    mm = bilevel.attach_masks(tiny, x[:1])
+    assert mm.dense_gmacs == pytest.approx(gmacs(tiny, (32, 32)))
     keep = _random_keep(mm)
     mm.set_masks(keep)
     with torch.no_grad():
         y_masked = tiny(x)
-        predicted = float(S.masked_macs(mm))
+        predicted = float(bilevel.masked_macs(mm))
     mm.remove()
-    pruned = S.apply_masks(tiny, keep, x[:1]).eval()
-    counted = S.counted_gmacs(pruned, (32, 32))
+    pruned = bilevel.apply_masks(tiny, keep, x[:1]).eval()
+    counted = gmacs(pruned, (32, 32))
     # measured: exact (0 relative error) - every MAC is in a conv
     assert predicted == pytest.approx(counted, rel=1e-9)
     assert counted < mm.dense_gmacs
@@ -101,8 +108,8 @@ def test_masked_macs_equals_counted_macs_of_pruned_model_and_same_function(tiny)
 
 
 def test_masked_macs_gradient_flows_to_s(tiny):
-    mm = S.attach_masks(tiny, torch.zeros(1, 3, 32, 32))
-    m = S.masked_macs(mm)
+    mm = bilevel.attach_masks(tiny, torch.zeros(1, 3, 32, 32))
+    m = bilevel.masked_macs(mm)
     m.backward()
     for mask in mm.masks:
         assert mask.s.grad is not None and (mask.s.grad > 0).all()
@@ -111,7 +118,7 @@ def test_masked_macs_gradient_flows_to_s(tiny):
 
 def test_ste_gradient_equals_continuous_mask_gradient(tiny):
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
-    mm = S.attach_masks(tiny, x[:1])
+    mm = bilevel.attach_masks(tiny, x[:1])
 
     def grads(mode, s_values):
         for mask, v in zip(mm.masks, s_values):
@@ -143,8 +150,8 @@ def test_implicit_approximation_exact_when_loss_linear_in_masked_activations():
     torch.manual_seed(0)
     net = _randomise_bn(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6))).eval()
     x, r = torch.randn(2, 3, 16, 16), torch.randn(2, 6, 16, 16)
-    mm = S.attach_masks(net, x[:1], ignored_layers=[])
-    out = S.implicit_agreement(mm, lambda: (net(x) * r).sum(), lam=0.1)
+    mm = bilevel.attach_masks(net, x[:1], ignored_layers=[])
+    out = bilevel.implicit_agreement(mm, lambda: (net(x) * r).sum(), lam=0.1)
     assert out["cosine"] > 0.99999
     assert out["rel_err"] < 1e-4
 
@@ -155,8 +162,8 @@ def test_implicit_approximation_vs_exact_on_tiny_model(tiny):
     # dropped curvature terms dominate; the approximation's norm is smaller (rel err ~0.7-1).
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4, 32, 32))
-    mm = S.attach_masks(tiny, x[:1])
-    out = S.implicit_agreement(mm, lambda: F.cross_entropy(tiny(x), y), lam=0.1)
+    mm = bilevel.attach_masks(tiny, x[:1])
+    out = bilevel.implicit_agreement(mm, lambda: F.cross_entropy(tiny(x), y), lam=0.1)
     assert out["cosine"] > 0.3
     assert 0.3 < out["rel_err"] < 1.2
     assert out["norm_approx"] > 0
@@ -170,14 +177,14 @@ def _loader(n=6, hw=32, seed=0):
 
 
 def test_short_search_hits_macs_target(tiny):
-    dense = S.counted_gmacs(tiny, (32, 32))
+    dense = gmacs(tiny, (32, 32))
     target = 0.55 * dense
-    res = S.bilevel_search(tiny, _loader(), target, input_hw=(32, 32), steps=8, inner_steps=1,
+    res = bilevel.bilevel_search(tiny, _loader(), target, input_hw=(32, 32), steps=8, inner_steps=1,
                            lr_s=0.05, beta=1.0, implicit=True, seed=0)
     assert len(res.history["ce"]) == 8
     assert res.history["gmacs"][0] == pytest.approx(dense)
-    pruned = S.apply_masks(tiny, res.masks, torch.zeros(1, 3, 32, 32))
-    counted = S.counted_gmacs(pruned, (32, 32))
+    pruned = bilevel.apply_masks(tiny, res.masks, torch.zeros(1, 3, 32, 32))
+    counted = gmacs(pruned, (32, 32))
     assert abs(counted - target) / target < 0.05
     assert counted == pytest.approx(res.gmacs_final, rel=1e-9)
     assert {w["group"] for w in res.widths} == set(res.masks)
@@ -185,8 +192,8 @@ def test_short_search_hits_macs_target(tiny):
 
 
 def test_regulariser_alone_drives_macs_down(tiny):
-    dense = S.counted_gmacs(tiny, (32, 32))
-    res = S.bilevel_search(tiny, _loader(), 0.5 * dense, input_hw=(32, 32), steps=20, lr_s=0.05,
+    dense = gmacs(tiny, (32, 32))
+    res = bilevel.bilevel_search(tiny, _loader(), 0.5 * dense, input_hw=(32, 32), steps=20, lr_s=0.05,
                            beta=100.0, implicit=False, project=False, seed=0)
     assert res.gmacs_raw < dense  # s crossed tau for some channels
     assert res.history["gmacs"][-1] < res.history["gmacs"][0]
@@ -195,19 +202,85 @@ def test_regulariser_alone_drives_macs_down(tiny):
 @pytest.mark.parametrize("bad", [0, -1.0, 1e9, float("nan")])
 def test_bad_target_raises(tiny, bad):
     with pytest.raises(ValueError, match="target_gmacs"):
-        S.bilevel_search(tiny, _loader(1), bad, input_hw=(32, 32), steps=1)
+        bilevel.bilevel_search(tiny, _loader(1), bad, input_hw=(32, 32), steps=1)
     with pytest.raises(ValueError, match="target_gmacs"):
-        S.magnitude_prune_to_macs(tiny, bad, (32, 32))
+        bilevel.magnitude_prune_to_macs(tiny, bad, (32, 32))
 
 
 def test_baselines_match_macs(tiny):
-    dense = S.counted_gmacs(tiny, (32, 32))
+    dense = gmacs(tiny, (32, 32))
     target = 0.6 * dense
-    for fn in (S.magnitude_prune_to_macs, S.uniform_width, S.random_masks_to_macs):
+    for fn in (bilevel.magnitude_prune_to_macs, bilevel.uniform_width, bilevel.random_masks_to_macs):
         pruned, keep = fn(tiny, target, (32, 32))
-        counted = S.counted_gmacs(pruned, (32, 32))
+        counted = gmacs(pruned, (32, 32))
         assert abs(counted - target) / target < 0.1, fn.__name__
     # uniform: the same kept fraction in every group (up to rounding)
-    _, keep = S.uniform_width(tiny, target, (32, 32))
+    _, keep = bilevel.uniform_width(tiny, target, (32, 32))
     fr = [k.float().mean().item() for k in keep.values()]
     assert max(fr) - min(fr) < 0.1
+
+
+def test_search_continues_a_batch_stream(tiny):
+    # the search reads its batches from one study.data.batch_stream: a stream given to it is
+    # continued (steps * (inner_steps + 1) batches consumed), not restarted
+    batches = _loader(n=20)
+    stream = batch_stream(batches)
+    bilevel.bilevel_search(tiny, stream, 0.7 * gmacs(tiny, (32, 32)), input_hw=(32, 32), steps=2, inner_steps=2,
+                           seed=0)
+    assert torch.equal(next(stream)[0], batches[6][0])
+
+
+# --------------------------------------------------------------------------- section runner (smoke)
+
+
+@pytest.fixture(scope="module")
+def smoke_ctx(tmp_path_factory):
+    return setup(profile="smoke", build_dir=str(tmp_path_factory.mktemp("bilevel-build")))
+
+
+@pytest.mark.parametrize("method", ["bilevel", "magnitude"])
+def test_section_compress_is_smaller_near_target_and_cached(smoke_ctx, method, monkeypatch):
+    ctx = smoke_ctx
+    hw = sec.input_hw(ctx)
+    base, _ = common.trained_model(ctx, "topformer_t")
+    dense = gmacs(base, hw)
+    target = 0.6 * dense
+    r = sec.compress(ctx, "topformer_t", method, target, search_kw=sec.DEFAULT_SEARCH, search_steps=2,
+                     finetune_steps=1)
+    small = r["model"]
+    # physically smaller: fewer parameters, fewer MACs (the one MACs counter), near the target
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(small) < n(base)
+    counted = gmacs(small, hw)
+    assert counted < dense
+    assert abs(counted - target) / target < 0.05
+    assert not any(m._forward_hooks for m in small.modules())
+    if method == "bilevel":
+        assert counted == pytest.approx(r["search"]["gmacs_final"], rel=1e-6)
+        assert r["search_steps"] == 2 and len(r["search"]["history"]["step"]) == 2
+        assert r["search_cpu_s"] > 0
+    else:
+        assert r["search"] is None and r["search_steps"] == 0
+    assert set(r["masks"]) and all(k.dtype == torch.bool for k in r["masks"].values())
+    assert 0.0 <= r["scores"]["miou"] <= 1.0
+    # the second call is a cache hit: nothing is searched, pruned or fine-tuned again
+    for fn in ("bilevel_search", "magnitude_prune_to_macs"):
+        monkeypatch.setattr(sec.bilevel, fn, lambda *a, **k: pytest.fail("recomputed a cached result"))
+    monkeypatch.setattr(sec, "finetune", lambda *a, **k: pytest.fail("fine-tuned a cached result"))
+    r2 = sec.compress(ctx, "topformer_t", method, target, search_kw=sec.DEFAULT_SEARCH, search_steps=2,
+                      finetune_steps=1)
+    np.testing.assert_equal(r2["scores"], r["scores"])  # NaN (absent class) == NaN
+    assert all(torch.equal(r2["masks"][k], r["masks"][k]) for k in r["masks"])
+    sd, sd2 = small.state_dict(), r2["model"].state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    # its table row: the required columns first, MACs of the pruned model, target error
+    row = sec.compressed_row(ctx, "topformer_t->x", r2, experiment="test")
+    assert tuple(row)[:len(BASE_COLUMNS)] == BASE_COLUMNS
+    assert row["gmacs"] == pytest.approx(counted) and row["method"] == method
+    assert row["macs_target_err_pct"] == pytest.approx(100 * abs(counted - target) / target)
+    assert row["finetune_steps"] == 1 and row["latency_ms_p50"] > 0
+
+
+def test_section_compress_rejects_unknown_method(smoke_ctx):
+    with pytest.raises(ValueError, match="unknown method"):
+        sec.compress(smoke_ctx, "topformer_t", "lottery", 0.01)

@@ -1,4 +1,5 @@
-"""Iterative pruning: schedules, equal fine-tune budgets, exact final widths, caching."""
+"""Iterative pruning: schedules, equal fine-tune budgets, exact final widths (study.prune), and the
+section's cached runner (study.sections.iterative_pruning.run_schedule): trajectory, cache, Taylor, KD."""
 import copy
 
 import pytest
@@ -7,13 +8,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention
 
-import study.train as strain
 from study.cache import ArtifactCache
 from study.context import Context
-from study.iterative import (IterativeConfig, channel_widths, finetune_split, iterative_prune,
-                             prune_iteratively, sparsity_schedule, study_grid)
+from study.models import model_fingerprint
 from study.profiles import PROFILES, get_profile
-from study.prune import prune_structured
+from study.prune import (channel_widths, finetune_split, prune_iteratively, prune_structured, pruning_record,
+                         sparsity_schedule)
+from study.sections import iterative_pruning as sec
+from study.sections.iterative_pruning import IterativeConfig, run_schedule, study_grid
 
 KINDS = ("oneshot", "linear", "cubic")
 
@@ -175,40 +177,91 @@ def _toy_loaders(n=4, bs=2, hw=32, seed=0):
 
 @pytest.fixture
 def ctx(tmp_path, monkeypatch):
-    monkeypatch.setattr(strain, "loaders", lambda ctx, batch_size=None, seed=None: _toy_loaders())
+    monkeypatch.setattr(sec, "loaders", lambda ctx, batch_size=None, seed=None: _toy_loaders())
     prof = get_profile("smoke").replace(crop_size=32, image_size=32, batch_size=2, calib_images=2)
     return Context(profile=prof, seed=0, out_dir=tmp_path / "smoke", cache=ArtifactCache(tmp_path / "cache"),
                    data_root=tmp_path, data_fp="toy")
 
 
-def test_iterative_prune_trajectory_budget_and_cache(ctx, monkeypatch):
+def test_run_schedule_trajectory_budget_and_cache(ctx, monkeypatch):
     base = _tiny()
     p0 = sum(p.numel() for p in base.parameters())
     cfg = IterativeConfig(final_sparsity=0.45, steps=2, schedule="cubic", total_finetune_steps=3)
-    model, traj = iterative_prune(base, ctx, cfg)
+    assert not sec.is_cached(ctx, base, cfg)
+    model, traj = run_schedule(ctx, base, cfg)
+    assert sec.is_cached(ctx, base, cfg)
     assert [r["step"] for r in traj] == [0, 1, 2]
     assert [r["finetune_steps"] for r in traj] == [0, 1, 2]
     assert [r["sparsity"] for r in traj[1:]] == cfg.sparsities()
     assert traj[-1]["params_m"] < traj[1]["params_m"] < traj[0]["params_m"] == pytest.approx(p0 / 1e6)
     assert sum(p.numel() for p in base.parameters()) == p0  # the input model is untouched
     assert channel_widths(model) == channel_widths(prune_structured(copy.deepcopy(base), (32, 32), 0.45))
-    # second call: answered from the cache (training would raise), same weights rebuilt
-    monkeypatch.setattr(strain, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    again, traj2 = iterative_prune(base, ctx, cfg)
+    # second call: answered from the cache (fine-tuning would raise), same weights rebuilt
+    monkeypatch.setattr(sec, "finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again, traj2 = run_schedule(ctx, base, cfg)
     assert traj2 == traj
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(again(x), model(x))
 
 
-def test_iterative_prune_taylor_and_kd(ctx):
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_taylor_importance_is_used(ctx):
+    """Taylor must pick other channels than magnitude (same widths, same fine-tune batches)."""
+    base = _tiny(0)
+    kw = dict(final_sparsity=0.45, steps=2, schedule="linear", total_finetune_steps=2, calib_batches=1)
+    mag, traj_m = run_schedule(ctx, base, IterativeConfig(importance="magnitude", **kw))
+    tay, traj_t = run_schedule(ctx, base, IterativeConfig(importance="taylor", **kw))
+    assert channel_widths(tay) == channel_widths(mag)
+    assert sum(r["finetune_steps"] for r in traj_t) == 2 and traj_t[-1]["sparsity"] == 0.45
+    assert not _same(_weights(tay), _weights(mag))  # fails if "taylor" silently fell back to magnitude
+    # the Taylor ranking itself differs from the L1 one on this model
+    hist = {imp: [st["history"] for st in pruning_record(m)] for imp, m in (("m", mag), ("t", tay))}
+    assert hist["m"] != hist["t"]
+
+
+def test_kd_finetune_uses_the_teacher(ctx, monkeypatch):
     base, teacher = _tiny(0), _tiny(1)
-    for cfg in (IterativeConfig(0.45, 2, "linear", "taylor", total_finetune_steps=2, calib_batches=1),
-                IterativeConfig(0.45, 1, "oneshot", "magnitude", kd=True, total_finetune_steps=2)):
-        _, traj = iterative_prune(base, ctx, cfg, teacher=teacher)
-        assert sum(r["finetune_steps"] for r in traj) == 2
-        assert traj[-1]["sparsity"] == 0.45
+    calls = {"make": [], "loss": 0}
+    real = sec.make_kd_loss
+
+    def spy(t, cfg, *, train_cfg=None):
+        calls["make"].append((model_fingerprint(t), cfg))
+        fn = real(t, cfg, train_cfg=train_cfg)
+
+        def loss_fn(model, images, masks):
+            calls["loss"] += 1
+            return fn(model, images, masks)
+        return loss_fn
+
+    monkeypatch.setattr(sec, "make_kd_loss", spy)
+    kw = dict(final_sparsity=0.45, steps=1, schedule="oneshot", total_finetune_steps=2)
+    plain, _ = run_schedule(ctx, base, IterativeConfig(**kw))
+    assert calls == {"make": [], "loss": 0}
+    kd, traj = run_schedule(ctx, base, IterativeConfig(kd=True, **kw), teacher=teacher,
+                            kd_config={"method": "kl", "temperature": 4.0, "kd_weight": 2.0, "feat_weight": 0.0})
+    assert [fp for fp, _ in calls["make"]] == [model_fingerprint(teacher)]
+    assert calls["make"][0][1].temperature == 4.0 and calls["make"][0][1].kd_weight == 2.0
+    assert calls["loss"] == 2  # every fine-tune step used the KD loss
+    assert sum(r["finetune_steps"] for r in traj) == 2
+    assert not _same(_weights(kd), _weights(plain))  # fails if kd=True were silently ignored
     with pytest.raises(ValueError, match="teacher"):
-        iterative_prune(base, ctx, IterativeConfig(0.45, 1, kd=True))
+        run_schedule(ctx, base, IterativeConfig(0.45, 1, kd=True))
+
+
+def test_kd_finetune_loss_drops_feature_hints():
+    teacher = _tiny(1)
+    _, used = sec.kd_finetune_loss(teacher, {"method": "kl+feat", "temperature": 2.0, "kd_weight": 1.0,
+                                             "feat_weight": 1.0})
+    assert used["method"] == "kl" and used["feat_weight"] == 0.0
+    _, used = sec.kd_finetune_loss(teacher, None)
+    assert used == sec.distillation.FALLBACK_CHOICE
 
 
 def test_study_grid_sizes_from_profile():

@@ -35,23 +35,40 @@ method from scratch:
 - baselines at matched MACs: :func:`magnitude_prune_to_macs`, :func:`uniform_width`,
   :func:`random_masks_to_macs` (all through the same groups and the same physical path).
 
+Example (any CNN whose convs torch-pruning can trace; ``loader`` yields
+``(image float32 (N,3,H,W), mask int64 (N,H,W))``)::
+
+    from study import bilevel, models
+    x = torch.zeros(1, 3, 128, 128)
+    target = 0.5 * models.gmacs(model, (128, 128))                   # GMACs budget C
+    res = bilevel.bilevel_search(model, loader, target, input_hw=(128, 128), steps=100)
+    small = bilevel.apply_masks(model, res.masks, x)                # physically smaller
+    mag, keep = bilevel.magnitude_prune_to_macs(model, target, (128, 128))  # baseline
+
+    mm = bilevel.attach_masks(model, x)                             # the pieces
+    bilevel.masked_macs(mm).backward()                              # d MACs / d s
+    mm.remove()
+
 Units: MACs are multiply-accumulates for ONE image at ``input_hw``; ``*_gmacs`` are in
-units of 1e9 MACs (GMACs), the unit of :func:`study.models.model_complexity`.
+units of 1e9 MACs (GMACs), counted by :func:`study.models.gmacs` (the study's one MACs
+counter, the ``gmacs`` column of every table).
 """
 from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
 
-IGNORE_INDEX = 255
+from . import IGNORE_INDEX
+from .data import batch_stream
+from .models import create_model, gmacs
 
 #: Sub-module names whose output channels are never masked by default: attention q / k /
 #: v projections are coupled through ``matmul`` + head ``reshape`` (REFERENCE.md:
@@ -70,11 +87,11 @@ class _HardThresholdSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, tau: float) -> torch.Tensor:  # noqa: D401
+    def forward(fn_ctx, s: torch.Tensor, tau: float) -> torch.Tensor:  # noqa: D401
         return (s > tau).to(s.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(fn_ctx, grad: torch.Tensor):
         return grad, None
 
 
@@ -180,8 +197,6 @@ def default_ignored_layers(model: nn.Module) -> list:
 
 
 def _build_dg(model: nn.Module, example_inputs: torch.Tensor):
-    import torch_pruning as tp
-
     was = model.training
     model.eval()
     try:
@@ -271,24 +286,6 @@ class _ConvSpec:
     depthwise: bool = False
 
 
-def counted_gmacs(model: nn.Module, input_hw: Sequence[int]) -> float:
-    """Aten-level MACs of one ``(1, 3, H, W)`` image in GMACs (``FlopCounterMode`` / 2);
-    the same counter as ``study.models.model_complexity(...)['gmacs']``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was = model.training
-    model.eval()
-    try:
-        dev = next(model.parameters()).device
-        x = torch.zeros(1, 3, *input_hw, device=dev)
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        model.train(was)
-    return counter.get_total_flops() / 2 / 1e9
-
-
 class MaskedModel:
     """A model with one :class:`ChannelMask` per dependency group, applied by forward hooks.
 
@@ -297,7 +294,7 @@ class MaskedModel:
         groups: list of :class:`MaskGroup`.
         masks: ``nn.ModuleList`` of :class:`ChannelMask`, ``masks[i]`` for ``groups[i]``.
         input_hw: the (H, W) the MACs are computed for.
-        dense_gmacs: counted MACs of the unmasked model (GMACs).
+        dense_gmacs: MACs of the unmasked model (GMACs, :func:`study.models.gmacs`).
         other_macs: MACs that no mask changes (attention matmuls, convs of ignored
             layers whose in/out channels are not in any group are still in the conv sum);
             ``dense - sum(conv/linear MACs)``, a constant.
@@ -311,7 +308,7 @@ class MaskedModel:
         self.masks = nn.ModuleList([ChannelMask(g.channels, tau) for g in groups]).to(dev)
         self._hooks = []
         self._specs = self._conv_specs()
-        self.dense_gmacs = counted_gmacs(model, self.input_hw)
+        self.dense_gmacs = gmacs(model, self.input_hw)
         conv_dense = sum(self._spec_macs(sp, None) for sp in self._specs)
         self.other_macs = self.dense_gmacs * 1e9 - float(conv_dense)
         self.attach()
@@ -666,16 +663,6 @@ class SearchResult:
         return cls(**d)
 
 
-def _cycle(loader):
-    while True:
-        n = 0
-        for b in loader:
-            n += 1
-            yield b
-        if n == 0:
-            raise ValueError("train_loader yielded no batch")
-
-
 def _ce(logits, target):
     return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
 
@@ -790,7 +777,9 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
 
     Args:
         model: network to search (e.g. a trained TopFormer-B), float32, train mode used.
-        train_loader: yields ``(image float32 (N,3,H,W), mask int64 (N,H,W))``.
+        train_loader: yields ``(image float32 (N,3,H,W), mask int64 (N,H,W))``; read as
+            one endless :func:`study.data.batch_stream` (a ``BatchStream`` given here is
+            continued, not restarted).
         target_gmacs: MACs budget C in GMACs at ``input_hw``; must be in (0, dense].
         input_hw: ``(H, W)`` the MACs refer to.
         beta, lam, tau: source 002's beta (regulariser weight), lambda, threshold.
@@ -829,7 +818,7 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
     ss = [m.s for m in mm.masks]
     opt_w = torch.optim.AdamW(ws, lr=lr_w, weight_decay=l2_scale / lam)
     opt_s = torch.optim.Adam(ss, lr=lr_s)
-    batches = _cycle(train_loader)
+    batches = batch_stream(train_loader)
     hist = {k: [] for k in ("step", "ce", "gmacs", "reg", "implicit_norm", "grad_s_norm", "kept_frac")}
     t0, c0 = time.perf_counter(), time.process_time()
     model.train()
@@ -934,8 +923,6 @@ def apply_masks(model: nn.Module, masks: dict, example_inputs: torch.Tensor, ign
         KeyError: a mask names a module the model does not have.
         ValueError: a mask would remove every channel of a group, or has the wrong size.
     """
-    import torch_pruning as tp
-
     if not inplace:
         model = copy.deepcopy(model)
     mods = dict(model.named_modules())
@@ -966,8 +953,6 @@ def apply_masks(model: nn.Module, masks: dict, example_inputs: torch.Tensor, ign
 def magnitude_scores(mm: MaskedModel) -> list:
     """Per-channel L2 group magnitude (torch-pruning ``GroupMagnitudeImportance(p=2)``,
     mean-normalised within each group), one ``(C_i,)`` tensor per group."""
-    import torch_pruning as tp
-
     imp = tp.importance.GroupMagnitudeImportance(p=2)
     out = []
     for g in mm.groups:
@@ -1011,8 +996,6 @@ def uniform_width(model_or_name, target_gmacs: float, input_hw: Sequence[int], i
         ``(pruned model, masks)``.
     """
     if isinstance(model_or_name, str):
-        from .models import create_model
-
         model = create_model(model_or_name)
     else:
         model = model_or_name
@@ -1050,108 +1033,8 @@ def searched_model(model: nn.Module, result: SearchResult, input_hw: Sequence[in
     return apply_masks(model, result.masks, x, ignored_layers)
 
 
-def cpu_cores() -> int:
-    """CPU cores this process may use (for search cost = wall time x cores)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
-# --------------------------------------------------------------------------- notebook experiments
-
-
-def _input_hw(ctx) -> tuple[int, int]:
-    return (ctx.profile.image_size, ctx.profile.image_size)
-
-
-def dense_gmacs(name: str, input_hw: Sequence[int]) -> float:
-    """Counted GMACs of a freshly built registry model at ``input_hw``."""
-    from .models import create_model
-
-    return counted_gmacs(create_model(name), input_hw)
-
-
-def compress(ctx, base: str, method: str, target_gmacs: float, *, search_kw: dict | None = None,
-             finetune_steps: int | None = None, search_steps: int | None = None) -> dict:
-    """Compress the trained ``base`` to ``target_gmacs`` with ``method``, fine-tune, evaluate.
-
-    ``method``: ``"bilevel"`` (:func:`bilevel_search`, then physical removal),
-    ``"magnitude"``, ``"uniform"``, ``"random"``. Every method gets the same recovery
-    fine-tune (``study.train.finetune``, ``finetune_steps``, default the profile's). The
-    result (masks, fine-tuned weights, scores, search record) is cached.
-
-    Returns:
-        dict with ``model`` (the pruned, fine-tuned network), ``masks``, ``scores``
-        (miou, mdice, ...), ``search`` (SearchResult dict or None), ``search_cpu_s``
-        (process CPU seconds of the search, 0 for one-shot baselines), ``finetune_s``.
-
-    Raises:
-        ValueError: unknown ``method`` or a bad ``target_gmacs``.
-    """
-    from . import models as smodels
-    from . import train as strain
-
-    if method not in ("bilevel", "magnitude", "uniform", "random"):
-        raise ValueError(f"compress: unknown method {method!r}")
-    hw = _input_hw(ctx)
-    p = ctx.profile
-    ft = p.finetune_steps if finetune_steps is None else int(finetune_steps)
-    steps = p.search_steps if search_steps is None else int(search_steps)
-    kw = dict(search_kw or {})
-    key = {"base": base, "method": method, "target": round(float(target_gmacs), 9), "ft": ft,
-           "steps": steps if method == "bilevel" else 0, "kw": kw if method == "bilevel" else {},
-           "profile": p.to_dict()}
-
-    def compute():
-        from .context import seed_everything
-
-        seed_everything(ctx.seed)
-        model, _ = strain.trained_model(ctx, base)
-        model = copy.deepcopy(model).to(ctx.device)
-        x = torch.zeros(1, 3, *hw, device=ctx.device)
-        rec = None
-        cpu_s = 0.0
-        if method == "bilevel":
-            tr, _ = strain.loaders(ctx)
-            res = bilevel_search(model, tr, target_gmacs, input_hw=hw, steps=steps, seed=ctx.seed, **kw)
-            rec, cpu_s = res.to_dict(), res.cpu_s
-            keep = res.masks
-            pruned = apply_masks(model, keep, x)
-        elif method == "magnitude":
-            pruned, keep = magnitude_prune_to_macs(model, target_gmacs, hw)
-        elif method == "uniform":
-            pruned, keep = uniform_width(model, target_gmacs, hw)
-        else:
-            pruned, keep = random_masks_to_macs(model, target_gmacs, hw, seed=ctx.seed)
-        t0 = time.perf_counter()
-        strain.finetune(pruned, ctx, ft, progress=False, desc=f"{method}-{base}")
-        ft_s = time.perf_counter() - t0
-        _, va = strain.loaders(ctx)
-        scores = strain.evaluate(pruned, va, progress=False)
-        return {"masks": keep, "state_dict": {k: v.detach().cpu() for k, v in pruned.state_dict().items()},
-                "scores": scores, "search": rec, "search_cpu_s": cpu_s, "finetune_s": ft_s}
-
-    rec = ctx.cache.memo(f"search-{base}-{method}", key, compute, seed=ctx.seed, data_fp=ctx.data_fp,
-                         code=(__import__(__name__, fromlist=["x"]), strain, smodels))
-    base_model, _ = strain.trained_model(ctx, base)
-    pruned = apply_masks(base_model, rec["masks"], torch.zeros(1, 3, *hw, device=ctx.device))
-    pruned.load_state_dict(rec["state_dict"])
-    pruned.eval()
-    return {**rec, "model": pruned}
-
-
-def table_row(ctx, model: nn.Module, name: str, method: str, scores: dict, **extra) -> dict:
-    """A ``bilevel_search`` table row: the base columns (params and MACs counted on the
-    model as it is, latency measured with ``study.bench.benchmark_torch``) + ``extra``."""
-    from . import bench
-    from .models import model_complexity
-
-    hw = _input_hw(ctx)
-    cx = model_complexity(model, hw)
-    p = ctx.profile
-    lat = bench.benchmark_torch(model, hw, batch=1, warmup_s=p.bench_warmup_s, min_s=p.bench_min_s,
-                                min_runs=p.bench_min_runs)
-    return {"section": "bilevel_search", "model": name, "method": method, "input_hw": f"{hw[0]}x{hw[1]}",
-            "params_m": cx["params_m"], "gmacs": cx["gmacs"], "miou": scores["miou"],
-            "mdice": scores["mdice"], "latency_ms_p50": lat["latency_ms_p50"], **extra}
+__all__ = ["ChannelMask", "MaskGroup", "MaskedModel", "SearchResult", "DEFAULT_IGNORED_NAME_PARTS",
+           "default_ignored_layers", "find_groups", "attach_masks", "masked_macs", "macs_regulariser",
+           "implicit_term", "exact_implicit_term", "implicit_agreement", "widths_of", "masks_from_scores",
+           "bilevel_search", "sync_static_channels", "apply_masks", "magnitude_scores",
+           "magnitude_prune_to_macs", "uniform_width", "random_masks_to_macs", "searched_model"]
