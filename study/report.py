@@ -33,6 +33,7 @@ from . import NOTEBOOKS, SECTIONS
 from .cache import atomic_write_text
 from .data import DataError, validate_dataset
 from .profiles import PROFILES, ProfileError, get_profile
+from .sections.claims import claims_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = REPO_ROOT / "notebooks"
@@ -170,6 +171,9 @@ body.hide-code .jp-CodeCell .jp-Cell-inputWrapper { display: none; }
 #sc-toolbar button { padding: 4px 10px; }
 .sc-failed { border: 2px solid #c0392b; background: #fdecea; padding: 8px 12px; }
 .sc-prov td, .sc-prov th { padding: 2px 8px; text-align: left; }
+.sc-claims { border-collapse: collapse; font-size: 90%; }
+.sc-claims td, .sc-claims th { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; }
+.sc-verdict { font-weight: bold; white-space: nowrap; }
 </style>
 <script>
 document.addEventListener('DOMContentLoaded', function () {
@@ -188,7 +192,7 @@ _ANCHOR = "SC-SECTION-ANCHOR:"
 
 _CODE = re.compile(r"(```.*?```|~~~.*?~~~|`[^`\n]*`)", re.S)
 _DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
-_INLINE = re.compile(r"(?<![\\$\w])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\w$])")
+_INLINE = re.compile(r"(?<![\\$\w])\$(?=\S)((?:[^$\n]|\n(?!\s*\n))+?)(?<=\S)\$(?![\w$])")
 _REMOTE_SCRIPT = re.compile(r"<script[^>]*\ssrc=[\"']https?://[^>]*>\s*</script>", re.I)
 _MATHJAX_CONFIG = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S)
 
@@ -240,15 +244,32 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
             ("finished", run_rec.get("finished")), ("CPU", f"{run_rec.get('cpu_model')} ({run_rec.get('cpu_cores')} cores)"),
             ("python", run_rec.get("python")),
             ("packages", ", ".join(f"{k} {v}" for k, v in run_rec.get("packages", {}).items() if v))]
+    claims = claims_table(out_dir / "tables", run_rec["profile"])
+    atomic_write_text(out_dir / "claims.csv", claims.to_csv(index=False))
     toc = []
     for stem in NOTEBOOKS:
         st = status.get(stem, {}).get("status", "not run")
         secs = status.get(stem, {}).get("seconds")
+        mine = claims[claims["notebook"] == stem]
+        verdicts = "; ".join(f"{html.escape(r.claim)}: <i>{html.escape(r.verdict)}</i>" for r in mine.itertuples())
         toc.append(f"<li><a href='#{stem}'>{stem}</a> ({', '.join(NOTEBOOKS[stem])}): <b>{st}</b>"
-                   + (f", {secs:.0f} s" if secs is not None else "") + "</li>")
+                   + (f", {secs:.0f} s" if secs is not None else "")
+                   + (f"<br><small>{verdicts}</small>" if verdicts else "") + "</li>")
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in prov)
+    claim_rows = "".join(
+        f"<tr><td>{html.escape(r.source)}</td><td>{html.escape(r.claim)}</td><td>{html.escape(r.reported)}</td>"
+        f"<td>{html.escape(r.this_run)}</td><td class='sc-verdict'>{html.escape(r.verdict)}</td>"
+        f"<td>{html.escape(r.reason)}</td><td><a href='#{r.notebook}'>{r.notebook}</a></td></tr>"
+        for r in claims.itertuples())
+    claims_html = ("<table class='sc-claims'><tr><th>source</th><th>claim</th><th>reported by the source</th>"
+                   f"<th>this run ({html.escape(run_rec['profile'])} profile)</th><th>verdict</th><th>why</th>"
+                   f"<th>measured in</th></tr>{claim_rows}</table>")
     cells.append(nbformat.v4.new_markdown_cell(
         "# segcompress: compressing ViT-style segmenters for edge devices\n\n"
+        "## Claims of the sources, checked by this run\n\n"
+        "Each row: the number a source published (never mixed with ours), this run's number from "
+        "the section tables, and a verdict computed from the two (rules in `study/sections/claims.py`; "
+        f"also `claims.csv`).\n\n{claims_html}\n\n"
         f"<table class='sc-prov'>{rows}</table>\n\n## Contents\n<ul>{''.join(toc)}</ul>\n\n"
         "Tables are in `tables/` beside this file (CSV and Markdown); figures in `figures/`."))
     for stem in NOTEBOOKS:
@@ -303,9 +324,13 @@ window.addEventListener('load', function () {
     error_outputs: document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"]').length,
     failed_sections: document.querySelectorAll('.sc-failed').length,
     contents_links: links.length,
-    contents_links_broken: links.filter(function (a) {
-      return !document.getElementById(decodeURIComponent(a.getAttribute('href').slice(1))); }).length
+    contents_links_broken: 0
   };
+  var broken = links.filter(function (a) {
+      var id = a.getAttribute('href').slice(1);
+      return !(document.getElementById(id) || document.getElementById(decodeURIComponent(id))); });
+  r.contents_links_broken = broken.length;
+  r.broken_links = broken.slice(0, 5).map(function (a) { return a.getAttribute('href'); });
   var pre = document.createElement('pre'); pre.id = 'sc-check'; pre.textContent = JSON.stringify(r);
   document.body.appendChild(pre);
 });

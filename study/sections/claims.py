@@ -1,0 +1,273 @@
+"""The claims table: every headline claim of the three sources against this run's numbers.
+
+Read by :func:`study.report.build_report` (it opens the report) and written as
+``build/<profile>/claims.csv``. Each claim names the source's number, this run's number
+(from the section tables of the run, with profile, split and interval when the table has
+one), a verdict computed from the two, and the notebook that measured it.
+
+Verdicts:
+
+- ``reproduced``: the effect has the source's sign and its 95 % interval (when the table
+  carries ``ci95_low`` / ``ci95_high``) excludes zero; for ratio claims, the ratio is within
+  a factor 1.5 of the source's.
+- ``reproduced in sign only``: same sign, but no interval (one seed) or an interval that
+  includes zero, or a size far from the source's.
+- ``not reproduced``: the opposite sign (or no speed-up where one was claimed).
+- ``not comparable at this profile``: different hardware or setting; the reason says why.
+- ``not measured in this run``: the table or row is missing (e.g. the section did not run).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+REPRODUCED = "reproduced"
+SIGN_ONLY = "reproduced in sign only"
+NOT_REPRODUCED = "not reproduced"
+NOT_COMPARABLE = "not comparable at this profile"
+NOT_MEASURED = "not measured in this run"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One published claim and how this run's tables test it.
+
+    Attributes:
+        key: short id; source: ``000``, ``001`` or ``002``; claim: what the source says;
+        reported: the source's number(s) as text; notebook: the notebook stem that measures
+        it; measure: ``measure(tables, profile) -> (this run's number as text, verdict,
+        reason)``.
+    """
+
+    key: str
+    source: str
+    claim: str
+    reported: str
+    notebook: str
+    measure: Callable[[dict, str], tuple[str, str, str]]
+
+
+def _row(df: pd.DataFrame | None, **match) -> pd.Series | None:
+    if df is None:
+        return None
+    sel = df
+    for col, val in match.items():
+        if col not in sel:
+            return None
+        sel = sel[sel[col].astype(str).str.fullmatch(str(val))] if isinstance(val, str) else sel[sel[col] == val]
+    return None if sel.empty else sel.iloc[0]
+
+
+def _num(row: pd.Series | None, *cols: str) -> float:
+    if row is None:
+        return math.nan
+    for c in cols:
+        if c in row and pd.notna(row[c]):
+            return float(row[c])
+    return math.nan
+
+
+def _interval(row: pd.Series | None) -> tuple[float, float]:
+    return _num(row, "ci95_low"), _num(row, "ci95_high")
+
+
+def _delta_verdict(delta: float, expected_sign: int, ci: tuple[float, float]) -> tuple[str, str]:
+    if not math.isfinite(delta):
+        return NOT_MEASURED, "no value"
+    if delta * expected_sign <= 0:
+        return NOT_REPRODUCED, "opposite sign (or zero)"
+    lo, hi = ci
+    if math.isfinite(lo) and math.isfinite(hi):
+        if (lo > 0 and expected_sign > 0) or (hi < 0 and expected_sign < 0):
+            return REPRODUCED, "95 % interval excludes 0"
+        return SIGN_ONLY, "same sign, 95 % interval includes 0"
+    return SIGN_ONLY, "same sign; no interval in the table (one seed)"
+
+
+# --------------------------------------------------------------------------- the claims
+
+def _kd(t, profile):
+    d = t.get("distillation")
+    none = _row(d, model="upernet_mobilevit_s", method="none")
+    if none is None:
+        return "-", NOT_MEASURED, "distillation table missing"
+    kd = d[(d["model"] == "upernet_mobilevit_s") & d["method"].isin(["kl", "mse", "kl+feat", "cwd"])]
+    if kd.empty:
+        return "-", NOT_MEASURED, "no KD rows"
+    best = kd.loc[kd["miou"].idxmax()]
+    delta = float(best["miou"]) - float(none["miou"])
+    verdict, why = _delta_verdict(delta, +1, _interval(best))
+    return (f"{none['miou']:.4f} -> {best['miou']:.4f} ({best['method']}, {delta:+.4f})", verdict,
+            why + ("" if profile == "paper" else f"; absolute mIoU not comparable ({profile} profile)"))
+
+
+def _fp16(t, profile):
+    q = t.get("quantization")
+    fp32 = _row(q, runtime="ort", precision="fp32")
+    fp16 = _row(q, runtime="ort", precision="fp16")
+    if fp32 is None or fp16 is None:
+        return "-", NOT_MEASURED, "quantization table missing"
+    ratio = _num(fp32, "latency_ms_p50") / _num(fp16, "latency_ms_p50")
+    return (f"ORT fp16 / fp32 speed {ratio:.2f}x on this CPU", NOT_COMPARABLE,
+            "source measured a Jetson Nano GPU (fp16 tensor path); a CPU has no fast fp16 kernels")
+
+
+def _heads(t, profile):
+    h = t.get("head_pruning")
+    dense, rep = _row(h, method="dense"), _row(h, method="repartition")
+    phys = _row(h, method="heads", heads=2)
+    if dense is None or rep is None:
+        return "-", NOT_MEASURED, "head-pruning table missing"
+    d_miou = float(rep["miou"]) - float(dense["miou"])
+    checks = {"accuracy cost <= 0.02": d_miou >= -0.02,
+              "params drop": float(rep["params_m"]) < float(dense["params_m"]) - 1e-6,
+              "no FPS gain (speed-up <= 1.1x)": _num(rep, "speedup") <= 1.1}
+    held = sum(checks.values())
+    verdict = REPRODUCED if held == 3 else SIGN_ONLY if held == 2 else NOT_REPRODUCED
+    text = (f"re-partition 4->2 (the source's method): mIoU {d_miou:+.4f}, params {dense['params_m']:.2f} -> "
+            f"{rep['params_m']:.2f} M, speed-up {_num(rep, 'speedup'):.2f}x; physically removing 2 heads: "
+            f"params {_num(phys, 'params_m'):.2f} M, speed-up {_num(phys, 'speedup'):.2f}x")
+    reason = "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items())
+    return text, verdict, reason + " (re-partitioning keeps the q/k/v width, so its params cannot drop)"
+
+
+def _sparsity_sensitivity(t, profile):
+    s = t.get("structured_pruning")
+    if s is None:
+        return "-", NOT_MEASURED, "structured-pruning table missing"
+    mv = s[(s["model"] == "upernet_mobilevit_s") & (s["method"] == "structured_magnitude")]
+    sw = s[(s["model"] == "upernet_swinv2_t") & (s["method"] == "mlp_hidden")]
+    dense_mv, dense_sw = _row(s, model="upernet_mobilevit_s", method="dense"), _row(s, model="upernet_swinv2_t", method="dense")
+    if mv.empty or sw.empty or dense_mv is None or dense_sw is None:
+        return "-", NOT_MEASURED, "sparsity sweep rows missing"
+    f = lambda d, base: ", ".join(f"{r.sparsity:g}: {r.miou - base['miou']:+.3f}" for r in d.itertuples())  # noqa: E731
+    worst_mv = float((mv["miou"] - dense_mv["miou"]).min())
+    worst_sw = float((sw["miou"] - dense_sw["miou"]).min())
+    verdict = SIGN_ONLY if worst_mv < worst_sw else NOT_REPRODUCED
+    return (f"mIoU change vs dense, MobileViT channels {f(mv, dense_mv)}; Swin MLP {f(sw, dense_sw)}", verdict,
+            "compares the worst drop of each model; no 'dense + same fine-tune' control or interval yet")
+
+
+def _unstructured(t, profile):
+    s = t.get("structured_pruning")
+    r = _row(s, method="unstructured")
+    if r is None:
+        return "-", NOT_MEASURED, "no unstructured row"
+    sp = _num(r, "speedup")
+    lo, hi = _num(r, "speedup_ci95_low"), _num(r, "speedup_ci95_high")
+    if math.isfinite(lo) and math.isfinite(hi):
+        verdict = REPRODUCED if lo <= 1.0 <= hi else NOT_REPRODUCED
+        why = "speed-up interval includes 1" if verdict == REPRODUCED else "speed-up interval excludes 1"
+    else:
+        verdict = REPRODUCED if 0.9 <= sp <= 1.1 else NOT_REPRODUCED
+        why = "point estimate within +-10 % of 1 (no interval in the table)"
+    return f"sparsity {_num(r, 'sparsity'):g}: ORT speed-up {sp:.2f}x", verdict, why
+
+
+def _structured45(t, profile):
+    s = t.get("structured_pruning")
+    if s is None:
+        return "-", NOT_MEASURED, "structured-pruning table missing"
+    rows = s[(s["method"] == "structured_magnitude") & (s["model"] == "upernet_mobilevit_s")]
+    if rows.empty:
+        return "-", NOT_MEASURED, "no structured rows"
+    r = rows.iloc[(rows["sparsity"] - 0.45).abs().argmin()]
+    sp, drop = _num(r, "speedup"), _num(r, "miou_drop")
+    ratio_src = 31.0 / 11.4
+    verdict = (REPRODUCED if ratio_src / 1.5 <= sp <= ratio_src * 1.5 and drop <= 0.02 else
+               SIGN_ONLY if sp > 1.0 else NOT_REPRODUCED)
+    return (f"sparsity {r['sparsity']:g}: speed-up {sp:.2f}x (source {ratio_src:.2f}x), mIoU drop {drop:+.4f}",
+            verdict, "speed-up within 1.5x of the source's and drop <= 0.02 for 'reproduced'; "
+                     "source 001 is a detector on a Jetson, this is a segmenter on a CPU")
+
+
+def _searched_s(t, profile):
+    b = t.get("bilevel_search")
+    hand = _row(b, model="topformer_s", method="hand-designed")
+    srch = _row(b, model="topformer_b->S", method="bilevel", experiment="main")
+    if hand is None or srch is None:
+        return "-", NOT_MEASURED, "bi-level table missing"
+    delta = float(srch["miou"]) - float(hand["miou"])
+    verdict, why = _delta_verdict(delta, +1, _interval(srch))
+    return (f"searched {srch['miou']:.4f} vs hand-designed {hand['miou']:.4f} at {srch['gmacs']:.4f} GMACs "
+            f"({delta:+.4f})", verdict, why + "; training budgets of the two arms differ (see the fair-comparisons issue)")
+
+
+def _implicit(t, profile):
+    b = t.get("bilevel_search")
+    if b is None or "implicit" not in b or "experiment" not in b:
+        return "-", NOT_MEASURED, "bi-level table missing"
+    off = _row(b, experiment="implicit_ablation", implicit=False)
+    if off is None:
+        return "-", NOT_MEASURED, "no implicit-gradient ablation row"
+    on = _row(b, model=str(off["model"]), method="bilevel", experiment="main", implicit=True)
+    if on is None:
+        return "-", NOT_MEASURED, "no matching search with the implicit term"
+    delta = float(on["miou"]) - float(off["miou"])
+    verdict, why = _delta_verdict(delta, +1, _interval(off))
+    return f"{off['model']}: with {on['miou']:.4f} vs without {off['miou']:.4f} ({delta:+.4f})", verdict, why
+
+
+def _beta_lambda(t, profile):
+    b = t.get("bilevel_search")
+    if b is None or "experiment" not in b:
+        return "-", NOT_MEASURED, "bi-level table missing"
+    out, ok = [], True
+    for exp, col, best_src in (("beta_sweep", "beta", 0.01), ("lambda_sweep", "lam", 0.1)):
+        d = b[b["experiment"] == exp]
+        if d.empty:
+            return "-", NOT_MEASURED, f"no {exp} rows"
+        best = d.loc[d["miou"].idxmax()]
+        out.append(f"best {col} = {best[col]:g}")
+        ok = ok and math.isclose(float(best[col]), best_src) and d["miou"].nunique() > 1
+    return ", ".join(out), (SIGN_ONLY if ok else NOT_REPRODUCED), \
+        "best by mIoU on one seed; ties (equal mIoU) count as not reproduced"
+
+
+CLAIMS = (
+    Claim("kd", "000", "KD from the Swin teacher improves the MobileViT student", "mIoU 0.5365 -> 0.6056",
+          "01_distillation", _kd),
+    Claim("fp16", "000", "fp16 speeds the student up on the Jetson Nano", "3.11 -> 4.49 FPS", "05_quantization", _fp16),
+    Claim("heads", "000", "heads 4 -> 2 costs little accuracy, cuts params, gains no FPS",
+          "mIoU 0.545 -> 0.533, params 5.6 -> 4.6 M, no FPS gain", "03_head_pruning", _heads),
+    Claim("sensitivity", "000", "MobileViT degrades from sparsity 0.2, Swin only near 0.7",
+          "MobileViT from 0.2, Swin near 0.7", "02_structured_pruning", _sparsity_sensitivity),
+    Claim("unstructured", "001", "60 % unstructured sparsity gives no speed-up", "no speed-up",
+          "02_structured_pruning", _unstructured),
+    Claim("structured45", "001", "45 % structured pruning: large speed-up at a tiny metric cost",
+          "31.0 -> 11.4 ms (2.72x) at -0.006 mAP", "02_structured_pruning", _structured45),
+    Claim("searched_s", "002", "searched TopFormer-S beats the hand-designed one at equal MACs",
+          "37.5 vs 36.1 mIoU at 1.2 GMACs", "06_bilevel_search", _searched_s),
+    Claim("implicit", "002", "the implicit-gradient term helps the search", "73.6 vs 71.9 mIoU",
+          "06_bilevel_search", _implicit),
+    Claim("beta_lambda", "002", "beta = 0.01 and lambda = 0.1 are the best settings", "beta 0.01, lambda 0.1",
+          "06_bilevel_search", _beta_lambda),
+)
+
+
+def claims_table(tables_dir: str | Path, profile: str) -> pd.DataFrame:
+    """Evaluate every :data:`CLAIMS` entry on the section tables in ``tables_dir``.
+
+    Args:
+        tables_dir: ``build/<profile>/tables`` (``<section>.csv`` files).
+        profile: the run's profile name (stated in each row).
+
+    Returns:
+        DataFrame with ``source, claim, reported, this_run, profile, verdict, reason,
+        notebook`` (one row per claim; a claim whose table is missing says so).
+    """
+    tables_dir = Path(tables_dir)
+    tables = {p.stem: pd.read_csv(p) for p in sorted(tables_dir.glob("*.csv"))}
+    rows = []
+    for c in CLAIMS:
+        try:
+            value, verdict, reason = c.measure(tables, profile)
+        except (KeyError, ValueError, TypeError) as exc:  # a table without the expected columns
+            value, verdict, reason = "-", NOT_MEASURED, f"table lacks what the claim needs ({exc!r})"
+        rows.append({"source": c.source, "claim": c.claim, "reported": c.reported, "this_run": value,
+                     "profile": profile, "verdict": verdict, "reason": reason, "notebook": c.notebook})
+    return pd.DataFrame(rows)

@@ -1,0 +1,47 @@
+"""The claims table computes its verdicts from the section tables (never types them)."""
+import pandas as pd
+
+from study import report
+from study.sections import claims as C
+
+
+def _write(tables, name, rows):
+    pd.DataFrame(rows).to_csv(tables / f"{name}.csv", index=False)
+
+
+def test_verdicts_follow_the_numbers(tmp_path):
+    _write(tmp_path, "distillation", [
+        {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30},
+        {"model": "upernet_mobilevit_s", "method": "kl", "miou": 0.34, "ci95_low": 0.01, "ci95_high": 0.07}])
+    _write(tmp_path, "structured_pruning", [
+        {"model": "upernet_mobilevit_s", "method": "unstructured", "sparsity": 0.6, "speedup": 1.02,
+         "speedup_ci95_low": 0.97, "speedup_ci95_high": 1.06, "miou": 0.3},
+        {"model": "upernet_mobilevit_s", "method": "structured_magnitude", "sparsity": 0.45, "speedup": 2.5,
+         "miou_drop": 0.004, "miou": 0.3}])
+    t = C.claims_table(tmp_path, "cpu").set_index("source", append=True)
+    by_claim = {r.claim: r for r in C.claims_table(tmp_path, "cpu").itertuples()}
+    kd = by_claim["KD from the Swin teacher improves the MobileViT student"]
+    assert kd.verdict == C.REPRODUCED and "+0.0400" in kd.this_run
+    assert by_claim["60 % unstructured sparsity gives no speed-up"].verdict == C.REPRODUCED
+    assert by_claim["45 % structured pruning: large speed-up at a tiny metric cost"].verdict == C.REPRODUCED
+    # tables that did not run are said to be missing, not guessed
+    assert by_claim["searched TopFormer-S beats the hand-designed one at equal MACs"].verdict == C.NOT_MEASURED
+    assert len(t) == len(C.CLAIMS)
+
+
+def test_opposite_sign_and_missing_interval(tmp_path):
+    _write(tmp_path, "distillation", [
+        {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30},
+        {"model": "upernet_mobilevit_s", "method": "cwd", "miou": 0.28}])
+    kd = C.claims_table(tmp_path, "smoke").iloc[0]
+    assert kd.verdict == C.NOT_REPRODUCED
+    _write(tmp_path, "distillation", [
+        {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30},
+        {"model": "upernet_mobilevit_s", "method": "cwd", "miou": 0.31}])
+    kd = C.claims_table(tmp_path, "smoke").iloc[0]
+    assert kd.verdict == C.SIGN_ONLY and "no interval" in kd.reason
+
+
+def test_render_math_converts_wrapped_inline_and_display_math_but_not_prices_or_code():
+    out = report.render_math("loss $\\mathcal{L} = a +\nb$ and $$\\frac{1}{2}$$, `$x$`, $5 and $6.")
+    assert out.count("<math") == 2 and "`$x$`" in out and "$5 and $6" in out
