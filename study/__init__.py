@@ -37,7 +37,7 @@ RARE_CLASSES = ("person", "vehicle", "cracks")
 
 SECTIONS = (
     "baselines", "distillation", "structured_pruning", "head_pruning",
-    "iterative_pruning", "quantization", "bilevel_search", "deployment",
+    "iterative_pruning", "quantization", "bilevel_search", "deployment", "pipeline",
 )
 #: Notebook file stem -> the table sections it writes.
 NOTEBOOKS = {
@@ -49,6 +49,7 @@ NOTEBOOKS = {
     "05_quantization": ("quantization",),
     "06_bilevel_search": ("bilevel_search",),
     "07_deployment": ("deployment",),
+    "08_pipeline": ("pipeline",),
 }
 #: Columns every section table starts with (issue #2).
 BASE_COLUMNS = ("section", "model", "method", "input_hw", "params_m", "gmacs", "miou", "mdice")

@@ -3,7 +3,8 @@
 
 It runs on Python >= 3.6 with the standard library, numpy and ONE runtime, imported lazily
 according to ``--runtime`` (``ort``: onnxruntime, ``trt``: tensorrt + pycuda or torch for
-device buffers, ``torch``: a TorchScript file). :mod:`study.bench` copies it to the device
+device buffers, ``torch``: a TorchScript file or a pickled module written by
+:func:`study.bench.save_torch_model`, run eagerly). :mod:`study.bench` copies it to the device
 over SSH and runs it; it also imports its timing loop, memory sampler and tegrastats parser,
 so the local and the on-device numbers come from the same code.
 
@@ -27,7 +28,18 @@ synchronisation to call after it (or None) and version facts.
 Usage::
 
     python3 device_runner.py --model model.onnx --runtime ort --precision fp32 \
-        --input-hw 512 512 --batch 1 --threads 4 --warmup-s 1 --min-s 3 --min-runs 50
+        --warmup-s 1 --min-s 3 --min-runs 50
+    python3 device_runner.py --model dynamic.onnx --input-hw 512 512 --batch 1 --threads 4
+
+Input shape: the model's own when its first input is static (every model the study
+exports is); ``--input-hw`` / ``--batch`` only fill dynamic dimensions, and a dynamic H / W
+without ``--input-hw`` is an error that says so (:func:`resolve_input_shape`). The input
+is the same seeded array for every model (:func:`seeded_input`). Threads: ``--threads``,
+else the physical cores of the machine the runner runs on (:func:`physical_cores`; the
+study's thread policy). Denormals are flushed to zero (torch: ``set_flush_denormal``;
+ORT: ``session.set_denormal_as_zero``). ``--latencies`` adds every timed latency to the
+JSON. ``device_runner.py --serve-fork --preload torch ...`` is the fork server of
+:func:`serve_fork` (local torch measurements of :func:`study.bench.compare_latency`).
 
 What it does: loads the model (timed: ``load_s``), warms up (>= ``--warmup-runs`` and
 >= ``--warmup-s``), then times >= ``--min-runs`` runs and >= ``--min-s`` seconds of single
@@ -488,7 +500,8 @@ def device_info():
     Returns:
         dict ``model`` (``/proc/device-tree/model`` on Jetson, else ``"<cpu model> (<arch>)"``),
         ``is_jetson`` (bool), ``hostname``, ``l4t``, ``jetpack``, ``power_mode`` (None when
-        unknown), ``kernel``, ``machine``, ``cpu_count``, ``os``.
+        unknown), ``kernel``, ``machine``, ``cpu_count`` (logical), ``physical_cores``
+        (:func:`physical_cores`), ``os``.
     """
     dt_model = _read_text("/proc/device-tree/model")
     l4t = parse_l4t_release(_read_text("/etc/nv_tegra_release"))
@@ -518,6 +531,7 @@ def device_info():
         "machine": platform.machine(),
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
+        "physical_cores": physical_cores(),
         "os": os_name,
     }
 
@@ -583,13 +597,132 @@ def onnx_precision(path):
     return "fp16" if n16 > n32 else "fp32"
 
 
+# --------------------------------------------------------------------------- threads, input shape
+
+def physical_cores():
+    """Physical CPU cores of THIS machine (the study's thread policy: one intra-op thread per core).
+
+    ``psutil.cpu_count(logical=False)`` when psutil is installed; else the distinct
+    (package, core) pairs of ``/sys/devices/system/cpu/cpu*/topology`` among the CPUs this
+    process may run on; else ``/proc/cpuinfo`` (``physical id``, ``core id``); else
+    ``os.cpu_count()``. Decided on the machine that runs the model (a device run never
+    uses the host's count).
+
+    Returns:
+        int >= 1.
+    """
+    try:
+        import psutil
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except Exception:  # noqa: BLE001 - psutil is optional on devices
+        pass
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = list(range(os.cpu_count() or 1))
+    pairs = set()
+    for c in cpus:
+        base = "/sys/devices/system/cpu/cpu%d/topology/" % c
+        pkg, core = _read_text(base + "physical_package_id"), _read_text(base + "core_id")
+        if pkg is None or core is None:
+            pairs = set()
+            break
+        pairs.add((pkg, core))
+    if pairs:
+        return len(pairs)
+    for block in (_read_text("/proc/cpuinfo") or "").split("\n\n"):
+        pm = re.search(r"^physical id\s*:\s*(\d+)", block, re.M)
+        cm = re.search(r"^core id\s*:\s*(\d+)", block, re.M)
+        if pm and cm:
+            pairs.add((pm.group(1), cm.group(1)))
+    if pairs:
+        return len(pairs)
+    return max(1, len(cpus))
+
+
+def resolve_input_shape(dims, input_hw=None, batch=None, input_name="input"):
+    """The NCHW shape to feed: the model's static dimensions, the given ones where it has none.
+
+    Args:
+        dims: the model input's dimensions (ints for static ones; str / None / negative for
+            dynamic ones), length 4 (N, C, H, W); None when the runtime does not say
+            (TorchScript, pickled modules): everything must then be given.
+        input_hw: ``(H, W)`` px from ``--input-hw`` or None.
+        batch: N from ``--batch`` or None (1 when the model's N is dynamic).
+        input_name: named in error messages.
+
+    Returns:
+        ``((N, C, H, W) ints, source)`` with ``source`` ``"model"`` (every dim static),
+        ``"--input-hw"`` (H, W given for dynamic dims) or ``"model + --input-hw"``.
+
+    Raises:
+        RunnerError(kind ``bad_argument``, exit 2): H or W dynamic and ``input_hw`` not given
+            (the message says to pass ``--input-hw H W``), or a given value that contradicts a
+            static dimension of the model, or a model input that is not 4-D.
+    """
+    def static(d):
+        return isinstance(d, int) and d > 0
+
+    if dims is None:
+        dims = [None, 3, None, None]
+    dims = list(dims)
+    if len(dims) != 4:
+        raise RunnerError("bad_argument", "model input %r has shape %r; the runner feeds NCHW images "
+                          "(4 dimensions)" % (input_name, dims), EXIT_BAD_ARGS)
+    n, c, h, w = dims
+    if input_hw is not None:
+        gh, gw = int(input_hw[0]), int(input_hw[1])
+        for name, d, g in (("height", h, gh), ("width", w, gw)):
+            if static(d) and d != g:
+                raise RunnerError("bad_argument", "model input %r has a static shape %r (fixed %s %d px) "
+                                  "but --input-hw %d %d was given; omit --input-hw (the model's own "
+                                  "shape is used) or pass %s %s" % (input_name, dims, name, d, gh, gw, h, w),
+                                  EXIT_BAD_ARGS)
+    if not (static(h) and static(w)):
+        if input_hw is None:
+            raise RunnerError("bad_argument", "model input %r has dynamic dimensions %r: its height / "
+                              "width are not fixed in the file, so pass --input-hw H W" % (input_name, dims),
+                              EXIT_BAD_ARGS)
+        h2, w2 = int(input_hw[0]), int(input_hw[1])
+    else:
+        h2, w2 = h, w
+    if batch is not None and static(n) and int(batch) != n:
+        raise RunnerError("bad_argument", "model input %r has a static batch of %d (shape %r) but "
+                          "--batch %d was given; omit --batch" % (input_name, n, dims, int(batch)),
+                          EXIT_BAD_ARGS)
+    n2 = n if static(n) else int(batch or 1)
+    c2 = c if static(c) else 3
+    if all(static(d) for d in (h, w)):
+        source = "model"
+    elif any(static(d) for d in (h, w)):
+        source = "model + --input-hw"
+    else:
+        source = "--input-hw"
+    return (int(n2), int(c2), int(h2), int(w2)), source
+
+
+def seeded_input(shape, dtype="float32"):
+    """The one benchmark input: ``numpy.random.RandomState(0).standard_normal(shape)`` cast to
+    ``dtype`` (the same array for every model and runtime of the same shape)."""
+    import numpy as np
+    return np.random.RandomState(0).standard_normal(tuple(int(s) for s in shape)).astype(dtype)
+
+
 def make_ort_session(path, threads=None, providers=None, session_options=None):
-    """Create an onnxruntime ``InferenceSession``.
+    """Create an onnxruntime ``InferenceSession`` (a copy of :func:`study.bench.ort_session`).
+
+    Same settings as the host factory: ``intra_op_num_threads = threads``,
+    ``inter_op_num_threads = 1``, sequential execution, warnings off, and denormals
+    flushed to zero in ORT's threads (``session.set_denormal_as_zero = 1``, ORT's
+    documented session config key).
 
     Args:
         path: ONNX file.
-        threads: ``intra_op_num_threads`` (None: onnxruntime's default, recorded as 0).
-        providers: list of execution providers (None: CUDA then CPU when available, else CPU).
+        threads: ``intra_op_num_threads`` (None: onnxruntime's default).
+        providers: list of execution providers (None: CUDA then CPU when available, else CPU:
+            on a device, the GPU when it has one).
         session_options: an ``onnxruntime.SessionOptions`` to start from.
 
     Returns:
@@ -601,6 +734,9 @@ def make_ort_session(path, threads=None, providers=None, session_options=None):
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
     if providers is None:
         avail = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail] or avail
@@ -610,33 +746,71 @@ def make_ort_session(path, threads=None, providers=None, session_options=None):
     return sess, dtype
 
 
-def ort_runner(path, hw, batch, threads, precision):
-    """``(fn, None, info)`` running ONNX file ``path`` once on a (batch, 3, H, W) random input."""
+def ort_runner(path, hw, batch, threads, precision, providers=None):
+    """``(fn, None, info)`` running ONNX file ``path`` once on the seeded input.
+
+    The input shape is the model's own where its first input is static; ``hw`` / ``batch``
+    (None allowed) fill dynamic dimensions (:func:`resolve_input_shape`).
+    """
     import numpy as np
-    sess, dtype = make_ort_session(path, threads)
+    sess, dtype = make_ort_session(path, threads, providers)
     inp = sess.get_inputs()[0]
-    x = np.random.RandomState(0).standard_normal((batch, 3, hw[0], hw[1])).astype(dtype)
+    shape, source = resolve_input_shape(inp.shape, hw, batch, inp.name)
+    x = seeded_input(shape, dtype)
     feed = {inp.name: x}
     fn = lambda: sess.run(None, feed)  # noqa: E731
     info = {"providers": sess.get_providers(), "onnxruntime": _module_version("onnxruntime"),
-            "input_dtype": np.dtype(dtype).name}
+            "input_dtype": np.dtype(dtype).name, "input_shape": list(shape), "input_shape_source": source,
+            "model_input_dims": [d if isinstance(d, int) else str(d) for d in inp.shape],
+            "ort_intra_op_threads": sess.get_session_options().intra_op_num_threads}
     actual = onnx_precision(path)
     if actual is not None and actual != precision:
         info["precision_in_file"] = actual
     return fn, None, info
 
 
-def torch_runner(path, hw, batch, threads, precision):
-    """``(fn, sync, info)`` running TorchScript file ``path`` once (CUDA when available)."""
+def _is_torchscript(path):
+    """Whether ``path`` is a TorchScript archive (a zip holding ``code/``) rather than a pickle."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+
+
+def torch_runner(path, hw, batch, threads, precision, providers=None):
+    """``(fn, sync, info)`` running a torch model file once, eager, under ``inference_mode``.
+
+    The file is TorchScript (``torch.jit.load``) or a whole pickled ``nn.Module`` written by
+    :func:`study.bench.save_torch_model` (``torch.save(model)``), loaded with
+    ``torch.load(weights_only=False)``: unpickling runs code from the file, so only load
+    files you wrote yourself (the study writes them on the same machine just before). Its
+    classes must be importable here. ``torch.set_flush_denormal(True)`` is set before
+    anything runs (subnormal floats slow x86 kernels ~100x), then ``threads`` intra-op
+    threads. The input is :func:`seeded_input` of (batch or 1, 3, H, W) with ``hw``
+    required (a torch module does not declare its input shape). CUDA when available.
+    """
     torch = __import__("torch")
+    flushed = bool(torch.set_flush_denormal(True))
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape, source = resolve_input_shape(None, hw, batch, "image")
     try:
-        model = torch.jit.load(path, map_location=dev)
+        if _is_torchscript(path):
+            model = torch.jit.load(path, map_location=dev)
+            kind = "torchscript"
+        else:
+            model = torch.load(path, map_location=dev, weights_only=False)
+            kind = "pickled nn.Module"
+            if isinstance(model, dict) and "model" in model:
+                model = model["model"]
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError("the file holds a %s, not an nn.Module" % type(model).__name__)
     except Exception as e:  # noqa: BLE001
-        raise RunnerError("model_unreadable", "model file %r is not a TorchScript file torch.jit.load "
-                          "can read: %s" % (path, e), EXIT_MODEL_UNREADABLE)
+        raise RunnerError("model_unreadable", "model file %r is neither a TorchScript file nor a pickled "
+                          "nn.Module torch.load can read: %s: %s" % (path, type(e).__name__, e),
+                          EXIT_MODEL_UNREADABLE)
     model.eval()
     dtype = torch.float32
     if precision == "fp16":
@@ -645,15 +819,16 @@ def torch_runner(path, hw, batch, threads, precision):
     elif precision == "int8":
         raise RunnerError("run_failed", "runtime 'torch' takes int8 only as a TorchScript file that is "
                           "already quantized; pass --precision fp32 for such a file", EXIT_RUN_FAILED)
-    x = torch.randn(batch, 3, hw[0], hw[1], generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    x = torch.from_numpy(seeded_input(shape)).to(dev, dtype)
 
     def fn():
         with torch.inference_mode():
             model(x)
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
-    return fn, sync, {"torch": torch.__version__, "torch_device": str(dev),
-                      "torch_threads": torch.get_num_threads()}
+    return fn, sync, {"torch": torch.__version__, "torch_device": str(dev), "torch_file": kind,
+                      "torch_threads": torch.get_num_threads(), "flush_denormal": flushed,
+                      "input_shape": list(shape), "input_shape_source": source}
 
 
 def load_trt_engine(path, precision, workspace_mb=1024):
@@ -711,8 +886,13 @@ def load_trt_engine(path, precision, workspace_mb=1024):
     return engine
 
 
-def trt_runner(path, hw, batch, threads, precision):
-    """``(fn, sync, info)`` running a TensorRT engine (from :func:`load_trt_engine`) once; ``threads`` unused."""
+def trt_runner(path, hw, batch, threads, precision, providers=None):
+    """``(fn, sync, info)`` running a TensorRT engine (from :func:`load_trt_engine`) once.
+
+    Static input dimensions of the engine are used as they are; ``hw`` / ``batch`` fill the
+    dynamic ones (``hw`` None with a dynamic H / W raises RunnerError ``bad_argument``).
+    ``threads`` and ``providers`` are unused.
+    """
     import numpy as np
     trt = __import__("tensorrt")
     engine = load_trt_engine(path, precision)
@@ -761,11 +941,11 @@ def trt_runner(path, hw, batch, threads, precision):
             is_in = engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
             shape = list(engine.get_tensor_shape(n))
             if is_in:
-                shape = [batch if (i == 0 and s < 0) else s for i, s in enumerate(shape)]
                 if len(shape) == 4:
-                    shape[2] = hw[0] if shape[2] < 0 else shape[2]
-                    shape[3] = hw[1] if shape[3] < 0 else shape[3]
-                context.set_input_shape(n, shape)
+                    shape, _ = resolve_input_shape([d if d >= 0 else None for d in shape], hw, batch, n)
+                else:
+                    shape = [int(batch or 1) if (i == 0 and s < 0) else s for i, s in enumerate(shape)]
+                context.set_input_shape(n, list(shape))
         for n in names:
             shape = list(context.get_tensor_shape(n))
             bufs[n] = alloc(shape, trt.nptype(engine.get_tensor_dtype(n)))
@@ -783,8 +963,9 @@ def trt_runner(path, hw, batch, threads, precision):
         for i in range(engine.num_bindings):
             shape = list(engine.get_binding_shape(i))
             if engine.binding_is_input(i) and any(s < 0 for s in shape):
-                shape = [batch, 3, hw[0], hw[1]]
-                context.set_binding_shape(i, shape)
+                shape, _ = resolve_input_shape([d if d >= 0 else None for d in shape], hw, batch,
+                                               engine.get_binding_name(i))
+                context.set_binding_shape(i, list(shape))
             shape = list(context.get_binding_shape(i))
             b = alloc(shape, trt.nptype(engine.get_binding_dtype(i)))
             bufs.append(b)
@@ -806,26 +987,35 @@ def _is_oom(exc):
                                 "cannot allocate memory", "std::bad_alloc", "outofmemory"))
 
 
-def run_benchmark(model, runtime="ort", precision="fp32", input_hw=(512, 512), batch=1, threads=None,
+def run_benchmark(model, runtime="ort", precision="fp32", input_hw=None, batch=None, threads=None,
                   warmup_s=1.0, min_s=3.0, min_runs=50, warmup_runs=10, sample_interval_s=0.2,
-                  use_tegrastats=True, model_name=None):
+                  use_tegrastats=True, model_name=None, providers=None, keep_latencies=False):
     """Load ``model`` with ``runtime``, time it and sample memory / power (what ``main`` runs).
 
     Args:
-        model: model file path (ONNX for ort / trt, TorchScript for torch, or a TRT engine).
+        model: model file path (ONNX for ort / trt, TorchScript or a
+            :func:`study.bench.save_torch_model` file for torch, or a TRT engine).
         runtime: ``ort``, ``trt`` or ``torch``. precision: ``fp32``, ``fp16`` or ``int8`` (for
             ort the file's own precision is used; a mismatch is recorded in
             ``precision_in_file``).
-        input_hw: (H, W) of the random NCHW input, px. batch: N. threads: CPU threads (None: the
-            runtime's default).
+        input_hw: (H, W) px, or None: the model's static input shape is used (ONNX / TRT);
+            needed only for dynamic dimensions and for torch files
+            (:func:`resolve_input_shape`). batch: N, or None (the model's static N, else 1).
+        threads: intra-op CPU threads; None or 0: :func:`physical_cores` of THIS machine
+            (the study's thread policy, decided where the model runs).
         warmup_s, min_s, min_runs, warmup_runs: see :func:`time_callable`.
         model_name: name recorded for the file (default its basename).
+        providers: ORT execution providers (None: CUDA then CPU when available).
+        keep_latencies: also return every timed latency (``latencies_ms``, list of ms).
 
     Returns:
-        the result dict (see module docstring; ``ok`` is True).
+        the result dict (see module docstring; ``ok`` is True) with ``threads`` (the count
+        used) and ``threads_source``, ``input_hw`` / ``input_shape`` (what was fed) and
+        ``input_shape_source``, ``pid`` (this process) and ``load_s`` (s).
 
     Raises:
-        RunnerError: runtime missing (code 3), model unreadable (4), out of memory (5), other (6).
+        RunnerError: bad argument (code 2: e.g. dynamic input and no ``input_hw``), runtime
+            missing (3), model unreadable (4), out of memory (5), other (6).
     """
     if runtime not in LOADERS:
         raise RunnerError("run_failed", "unknown runtime %r (choose %s)" % (runtime, ", ".join(RUNTIMES)),
@@ -833,13 +1023,18 @@ def run_benchmark(model, runtime="ort", precision="fp32", input_hw=(512, 512), b
     sha, nbytes = _check_model_file(model)
     _import_runtime(runtime)
     import numpy as np
-    hw = (int(input_hw[0]), int(input_hw[1]))
+    hw = None if input_hw is None else (int(input_hw[0]), int(input_hw[1]))
+    if threads:
+        threads, threads_source = int(threads), "--threads"
+    else:
+        threads, threads_source = physical_cores(), "physical cores of this machine (default)"
     with SystemSampler(interval_s=sample_interval_s, use_tegrastats=use_tegrastats) as sampler:
         before = sampler.summary()
         sampler.mark("load")
         t0 = time.perf_counter()
         try:
-            fn, sync, info = LOADERS[runtime](model, hw, int(batch), threads, precision)
+            fn, sync, info = LOADERS[runtime](model, hw, None if batch is None else int(batch), threads,
+                                              precision, providers=providers)
         except RunnerError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -864,11 +1059,15 @@ def run_benchmark(model, runtime="ort", precision="fp32", input_hw=(512, 512), b
                               % (runtime, model, type(e).__name__, e), EXIT_RUN_FAILED)
         sampler.mark("end")
     mem = sampler.summary(phases=("load", "run", "end"))
+    shape = info.get("input_shape") or [batch or 1, 3, hw[0] if hw else None, hw[1] if hw else None]
     res = {"schema": SCHEMA, "ok": True, "runtime": runtime, "precision": precision,
            "model_file": model_name or os.path.basename(model), "model_sha256": sha,
-           "model_bytes": nbytes, "input_hw": list(hw), "threads": threads if threads else 0,
-           "load_s": load_s}
-    res.update(summarize_latencies(timing["latencies_s"], batch))
+           "model_bytes": nbytes, "input_hw": list(shape[2:]), "input_shape": list(shape),
+           "input_shape_source": info.get("input_shape_source", "--input-hw"),
+           "threads": threads, "threads_source": threads_source, "load_s": load_s, "pid": os.getpid()}
+    res.update(summarize_latencies(timing["latencies_s"], int(shape[0])))
+    if keep_latencies:
+        res["latencies_ms"] = [v * 1000.0 for v in timing["latencies_s"]]
     res.update(mem)
     res["peak_rss_mb"] = max(mem["peak_rss_mb"] or 0.0, lifetime_peak_rss_mb())
     res["rss_note"] = "max of sampled VmRSS and VmHWM (peak since exec) of the runner process"
@@ -893,28 +1092,50 @@ def run_benchmark(model, runtime="ort", precision="fp32", input_hw=(512, 512), b
 
 
 def build_parser():
-    """argparse parser of the runner's command line."""
-    p = argparse.ArgumentParser(description="segcompress device-side benchmark runner (prints one JSON)")
-    p.add_argument("--model", required=True, help="model file (ONNX, TorchScript, TRT engine)")
-    p.add_argument("--model-name", default=None, help="name to record for the model (default: basename)")
-    p.add_argument("--runtime", choices=RUNTIMES, default="ort")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--input-hw", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: runtime default)")
-    p.add_argument("--warmup-s", type=float, default=1.0)
-    p.add_argument("--min-s", type=float, default=3.0)
-    p.add_argument("--min-runs", type=int, default=50)
-    p.add_argument("--warmup-runs", type=int, default=10)
-    p.add_argument("--sample-interval-s", type=float, default=0.2)
+    """argparse parser of the runner's command line (every option says its unit and default)."""
+    p = argparse.ArgumentParser(description="segcompress device-side benchmark runner: loads one model, "
+                                "times single inferences, prints ONE JSON document on stdout")
+    p.add_argument("--model", required=True,
+                   help="model file: ONNX (--runtime ort/trt), TensorRT engine (.engine/.plan/.trt), "
+                        "TorchScript or a study.bench.save_torch_model file (--runtime torch)")
+    p.add_argument("--model-name", default=None, help="name to record for the model (default: the file's basename)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="ort",
+                   help="ort = onnxruntime, trt = TensorRT, torch = PyTorch eager (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="precision label; trt builds fp16/int8 engines from it, ort records the file's own "
+                        "(default: %(default)s)")
+    p.add_argument("--input-hw", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="input height and width in px; default: read from the model's static input shape. "
+                        "Needed only when the model's H/W are dynamic, and for torch files")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per inference (N); default: the model's static N, else 1")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op CPU threads; 0 (default) = the physical cores of the machine running "
+                        "the model (the study's thread policy)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated ORT execution providers, e.g. CPUExecutionProvider "
+                        "(default: CUDA then CPU, of those installed)")
+    p.add_argument("--warmup-s", type=float, default=1.0,
+                   help="seconds of untimed warm-up, at least (default: %(default)s s)")
+    p.add_argument("--min-s", type=float, default=3.0,
+                   help="seconds of timed inferences, at least (default: %(default)s s)")
+    p.add_argument("--min-runs", type=int, default=50,
+                   help="timed inferences, at least (default: %(default)s)")
+    p.add_argument("--warmup-runs", type=int, default=10,
+                   help="untimed warm-up inferences, at least (default: %(default)s)")
+    p.add_argument("--sample-interval-s", type=float, default=0.2,
+                   help="memory / power sampling period in s (default: %(default)s s)")
     p.add_argument("--no-tegrastats", action="store_true", help="read /proc/meminfo even on a Jetson")
+    p.add_argument("--latencies", action="store_true",
+                   help="also print every timed latency (latencies_ms, ms) in the JSON")
     return p
 
 
 def main(argv=None):
     """Entry point: parse ``argv``, run, print one JSON document; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if args.batch < 1 or args.min_runs < 1 or min(args.input_hw) < 1:
+    if (args.batch is not None and args.batch < 1) or args.min_runs < 1 or \
+            (args.input_hw is not None and min(args.input_hw) < 1):
         log("error: --batch, --min-runs and --input-hw must be >= 1")
         return EXIT_BAD_ARGS
     try:
@@ -922,7 +1143,9 @@ def main(argv=None):
                             input_hw=args.input_hw, batch=args.batch, threads=args.threads or None,
                             warmup_s=args.warmup_s, min_s=args.min_s, min_runs=args.min_runs,
                             warmup_runs=args.warmup_runs, sample_interval_s=args.sample_interval_s,
-                            use_tegrastats=not args.no_tegrastats, model_name=args.model_name)
+                            use_tegrastats=not args.no_tegrastats, model_name=args.model_name,
+                            providers=args.providers.split(",") if args.providers else None,
+                            keep_latencies=args.latencies)
         code = EXIT_OK
     except RunnerError as e:
         log("error: %s" % e)
@@ -938,5 +1161,66 @@ def main(argv=None):
     return code
 
 
+def serve_fork(preload=(), requests=None, replies=None):
+    """Fork server: import ``preload`` once, then run each request in a FRESH forked process.
+
+    Importing torch (and the modules a pickled model needs) takes seconds; a forked child
+    starts with them imported but has run nothing: no model, no thread pool, its own
+    memory (its ``peak_rss_mb`` counts the imported libraries it touches, as an exec'd
+    runner's does). Each request is one JSON line on ``requests`` (stdin)
+    ``{"argv": [runner arguments], "out": path}``: the child runs :func:`main` with ``argv``
+    and its stdout (the one JSON document) redirected to ``out``; the server answers one
+    JSON line ``{"pid": child pid, "code": exit code}`` on ``replies`` (stdout) when the
+    child has exited. The first line it writes is ``{"ready": true, "pid": ...,
+    "preloaded": [...]}``. Ends at end of input. Run as ``device_runner.py --serve-fork
+    [--preload MOD ...]``.
+    """
+    requests = requests or sys.stdin
+    replies = replies or sys.stdout
+    loaded = []
+    for mod in preload:
+        try:
+            __import__(mod)
+            loaded.append(mod)
+        except Exception as e:  # noqa: BLE001 - a missing module is imported (and fails) in the child
+            log("fork server: preloading %s failed: %s: %s" % (mod, type(e).__name__, e))
+    replies.write(json.dumps({"ready": True, "pid": os.getpid(), "preloaded": loaded}) + "\n")
+    replies.flush()
+    for line in requests:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: run the benchmark, never return into the server loop
+            code = EXIT_RUN_FAILED
+            try:
+                fd = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.dup2(fd, 1)
+                os.close(fd)
+                fd = os.open(os.devnull, os.O_RDONLY)  # the request pipe is the server's alone
+                os.dup2(fd, 0)
+                os.close(fd)
+                code = main(req["argv"])
+            except SystemExit as e:  # argparse errors
+                code = e.code if isinstance(e.code, int) else EXIT_BAD_ARGS
+            except BaseException as e:  # noqa: BLE001 - reported by the exit code and stderr
+                log("fork child failed: %s: %s" % (type(e).__name__, e))
+            finally:
+                try:
+                    sys.stdout.flush()
+                finally:
+                    os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        replies.write(json.dumps({"pid": pid, "code": code}) + "\n")
+        replies.flush()
+    return EXIT_OK
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-fork":
+        mods = sys.argv[3:] if len(sys.argv) > 2 and sys.argv[2] == "--preload" else []
+        sys.exit(serve_fork(mods))
     sys.exit(main())

@@ -14,8 +14,8 @@ Registered models (``list_models()``):
 ``upernet_resnet18``           UPerNet on timm ``resnet18`` (He et al., CVPR 2016):
                                source 000's CNN student.
 ``upernet_swinv2_t``           UPerNet on timm ``swinv2_tiny_window8_256`` (Liu et al.,
-                               CVPR 2022): source 000's KD teacher. Fixed input size
-                               (``img_size``, default 128).
+                               CVPR 2022): source 000's KD teacher. Built for
+                               ``img_size`` (default 128), takes any multiple of 32.
 ``deeplabv3plus_mobilenetv2``  DeepLabV3+ (Chen et al., ECCV 2018) on timm
                                ``mobilenetv2_100`` (Sandler et al., CVPR 2018): the
                                model of source 002 Table 5.
@@ -570,19 +570,41 @@ def upernet_swinv2_t(num_classes: int = NUM_CLASSES, img_size: int = 128, channe
 
     Backbone: timm ``swinv2_tiny_window8_256`` (window 8, the torchvision ``swin_v2_t``
     configuration source 000 used) built for ``img_size`` (int, multiple of 32, default
-    128); taps [96, 192, 384, 768] channels at strides 4..32. ~27.6 M backbone params.
+    128: the study builds it for the training crop); taps [96, 192, 384, 768] channels at
+    strides 4..32. ~27.6 M backbone params.
+
+    **Other input sizes** (the teacher is trained on 384-px crops and evaluated on full
+    512-px images in the ``paper`` profile): the backbone is built with timm's
+    ``strict_img_size=False`` (= ``dynamic_img_size=True``), so it accepts any size that is
+    a multiple of 32 and builds the shifted-window attention mask for the actual size on
+    each forward. This is sound for Swin-V2 specifically: its relative position bias is a
+    *continuous* function of the relative coordinates inside one window (the log-spaced
+    CPB MLP, Liu et al. 2022, Sec. 3.3), and the window size (8 where a stage's map is
+    larger than 8 px) is fixed at build time, so the same parameters serve a larger image
+    with more windows - no interpolation of bias tables, no retraining. It is what the
+    authors do when they transfer a model to a larger resolution with the same window.
+    Alternatives considered: rebuilding the teacher for the evaluation size and copying
+    the weights (the same numbers, but two models to keep in sync and a fixed size again),
+    and sliding-window inference (MMSegmentation's ``slide`` mode: 384-px windows over the
+    512-px image, averaged logits; costs ~2-4x the compute and changes what the teacher
+    sees at the borders). At the built size the outputs are bit-identical to a
+    fixed-size build (the mask is the same tensor, computed per call instead of once;
+    ``tests/test_models.py``), so ``smoke`` / ``cpu`` numbers, where crops and images have
+    one size, are unchanged. Caveat: a model built for a size whose stride-32 map is <= 8
+    px uses smaller windows (and no shift) in that stage at every input size.
 
     Raises:
-        ValueError: ``img_size`` not a positive multiple of 32; at forward time, an
-            input whose size is not ``img_size``.
+        ValueError: ``img_size`` not a positive multiple of 32; at forward time, an input
+            that is not ``(N, 3, H, W)``.
     """
     if not isinstance(img_size, int) or img_size < 32 or img_size % 32:
         raise ValueError(f"upernet_swinv2_t: img_size must be a positive multiple of 32, "
                          f"got {img_size!r}")
     cfg = UPerNetConfig("swinv2_tiny_window8_256", channels=channels,
-                        backbone_kwargs={"img_size": img_size}, **kwargs)
-    bb = TimmFeatures("swinv2_tiny_window8_256", (0, 1, 2, 3), nhwc=True, img_size=img_size)
-    model = UPerNet(bb, num_classes, cfg, fixed_input_hw=(img_size, img_size))
+                        backbone_kwargs={"img_size": img_size, "strict_img_size": False}, **kwargs)
+    bb = TimmFeatures("swinv2_tiny_window8_256", (0, 1, 2, 3), nhwc=True, img_size=img_size,
+                      strict_img_size=False)
+    model = UPerNet(bb, num_classes, cfg)
     model.img_size = img_size
     return model
 

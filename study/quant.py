@@ -12,11 +12,20 @@ edge device without losing accuracy* - measured, not assumed. It provides:
   ``quantize_static``: affine INT8, Jacob et al. 2018, "Quantization and Training of Neural
   Networks for Efficient Integer-Arithmetic-Only Inference") and
   :func:`quantize_dynamic_int8` (dynamic quantization baseline).
-- Selective quantization whose exclusions come from measurements: :func:`profile_ops` (ORT
-  profiler, time per op type and per node), :func:`node_sensitivity` (quantize one op-type
-  group at a time, or exclude one, and measure output error / mIoU change),
-  :func:`select_nodes_to_exclude`, and :func:`kernel_counts` (which kernels the
-  ORT-optimised graph really runs, e.g. ``QLinearConv`` vs ``Conv``).
+- The INT8 recipes of issue #15 (:class:`Int8Recipe`, :data:`INT8_RECIPES`,
+  :func:`quantize_recipe`): every ORT-documented way to build the graph -
+  ``quant_pre_process`` or not, ORT's extended fusions or the transformer optimizer first
+  (:func:`prepare_graph`), QDQ / QOperator, U8S8 / S8S8, per-channel / per-tensor, only
+  Conv/MatMul/Gemm (``op_types_to_quantize``), SiLU / Softmax / LayerNorm kept float by op
+  type (:func:`float_nodes` -> ``nodes_to_exclude``); ONE calibration set for all of them
+  (:func:`calibration_set`).
+- Selective quantization: :func:`node_sensitivity` (quantize one op-type group at a time,
+  or exclude one, and measure output error / mIoU change) and
+  :func:`select_nodes_to_exclude` (by accuracy only, deterministic).
+- Where the time goes: :func:`profile_ops` (ORT profiler, time per node),
+  :func:`op_time_by_type`, :func:`op_time_categories` (Conv/MatMul/Gemm float or int8,
+  Q/DQ, layout, other), :func:`amdahl_bound`; :func:`kernel_counts` (which kernels the
+  ORT-optimised graph really runs, and the Q / DQ / Transpose nodes left over).
 - Stale-vs-fresh calibration of pruned models (source 001's warning):
   :func:`calibration_table`, :func:`stale_calibration_table`.
 - :func:`build_tensorrt_engine`: TensorRT fp16 / INT8 engines (INT8 with an entropy
@@ -33,8 +42,9 @@ Example (a screen's worth)::
     quant.verify_onnx(model, fp32, val_x)                             # {"max_abs_diff": ...}
     table = quant.calibration_table(fp32, calib_x, "m.calib.json")    # calibrate once
     int8 = quant.quantize_int8(fp32, "m.int8.onnx", calibration_cache=table)
+    fast = quant.quantize_recipe(fp32, "m.mac.onnx", "qdq_mac_only", calib_x)   # one INT8 recipe
     sens = quant.node_sensitivity(fp32, calib_x, val_x, val_masks=val_y)
-    exclude, decisions = quant.select_nodes_to_exclude(sens)
+    exclude, decisions = quant.select_nodes_to_exclude(sens)                  # by accuracy only
     sel = quant.quantize_int8(fp32, "m.sel.onnx", calibration_cache=table, nodes_to_exclude=exclude)
     quant.onnx_scores(sel, val_x, val_y)                              # {"miou": ..., "mdice": ...}
     quant.kernel_counts(sel)["int8_nodes"]                            # what ORT really runs
@@ -48,8 +58,9 @@ writes the integer operators directly.
 
 All ONNX Runtime sessions here come from :func:`study.bench.ort_session` with a fixed
 number of intra-op threads (``threads``, default :data:`DEFAULT_THREADS` = 2) and one
-inter-op thread, so timings are comparable between variants; the light rankers
-:func:`latency_ms` / :func:`paired_latency_ms` time with :func:`study.bench.time_callable`.
+inter-op thread; the light rankers :func:`latency_ms` / :func:`paired_latency_ms` (for
+exploration) time with :func:`study.bench.time_callable`; reported latencies come from the
+study's protocol, :func:`study.bench.compare_latency`.
 Nothing here takes a study context: the notebook's data and cache live in
 :mod:`study.sections.quantization`.
 """
@@ -62,6 +73,7 @@ import os
 import tempfile
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -420,6 +432,55 @@ class _quiet_root_logger:
         logging.disable(self._prev)
 
 
+def calibration_set(images, n: int | None = None, input_hw=None) -> np.ndarray:
+    """THE calibration set of every INT8 path of the study: the first ``n`` of ``images``.
+
+    Static INT8 needs activation ranges measured on inputs like the deployed ones (ORT docs,
+    "Quantize ONNX Models", *Static Quantization*: "runs the model using a set of inputs
+    called calibration data"). The study's rule: clean images (resized to the export size,
+    ImageNet-normalised, no augmentation) from the TRAIN split - never the evaluation split
+    -, the first ``n`` in the split's sorted file order, so every run and every quantizer
+    (static INT8 of every recipe, calibration tables, TensorRT INT8) sees the same images.
+    The lab bench's loader is :func:`study.sections.quantization.calibration_images`.
+
+    Args:
+        images: float32 ``(N, 3, H, W)`` (numpy or torch; a single ``(3, H, W)`` image is
+            promoted), ImageNet-normalised.
+        n: how many (default all); must be >= 1. Fewer available images is an error, not a
+            silent shrink, so a table row's ``calib_images`` is what was used.
+        input_hw: ``(H, W)`` (or int) of the model's fixed input; checked when given.
+
+    Returns:
+        float32 C-contiguous ``(n, 3, H, W)`` copy (the caller's array is never aliased).
+
+    Raises:
+        ValueError: wrong shape, empty, ``n < 1``, ``n`` larger than the images available,
+            or images whose size is not ``input_hw``.
+    """
+    arr = _check_images(images, "calibration images")
+    if n is not None:
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"calibration_set: n must be >= 1; got {n}")
+        if n > len(arr):
+            raise ValueError(f"calibration_set: {n} calibration images requested, {len(arr)} given")
+        arr = arr[:n]
+    if input_hw is not None and tuple(arr.shape[-2:]) != _hw(input_hw):
+        raise ValueError(f"calibration images are {arr.shape[-2]}x{arr.shape[-1]} px; the model takes "
+                         f"{_hw(input_hw)[0]}x{_hw(input_hw)[1]} (calibrate at the export size)")
+    return np.array(arr, dtype=np.float32, order="C", copy=True)
+
+
+def calibration_fingerprint(images) -> str:
+    """12 hex digits of SHA-1 over the calibration images' shape and float32 bytes (names
+    cached calibration tables, so a table is never reused for other images)."""
+    import hashlib  # in-function: only for table names
+    arr = _check_images(images, "calibration images")
+    h = hashlib.sha1(str(arr.shape).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()[:12]
+
+
 class ImageCalibrationReader(ortq.CalibrationDataReader):
     """ORT ``CalibrationDataReader`` over float32 images, fed one image (batch 1) at a time.
 
@@ -532,9 +593,137 @@ def preprocess_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike | 
     return out
 
 
+#: Graph preparations before ``quantize_static`` (:func:`prepare_graph`).
+GRAPH_PREPS = ("quant_pre_process", "none", "ort_extended", "transformer_optimizer")
+
+
+def _ort_optimized(src: Path, out: Path, level) -> Path:
+    import onnxruntime as ort  # in-function: the GraphOptimizationLevel enum only
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        ort_session(src, threads=1, optimized_model_path=tmp, session_options=so)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def prepare_graph(fp32_path: str | os.PathLike, how: str = "quant_pre_process") -> Path:
+    """The float32 graph that ``quantize_static`` is given, prepared one of :data:`GRAPH_PREPS` ways.
+
+    - ``"quant_pre_process"`` (the study's default; :func:`preprocess_onnx`): ORT's
+      ``onnxruntime.quantization.shape_inference.quant_pre_process`` - symbolic shape
+      inference, ORT *basic* graph optimisation (constant folding, Conv+BN fusion,
+      redundancy elimination) and ONNX shape inference. ORT docs, "Quantize ONNX Models",
+      *Pre-processing*: "Our quantization tool works best when the tensor's shape is known"
+      and "it is best to perform model optimization during pre-processing".
+    - ``"none"``: the exported graph as it is (the control: what pre-processing buys;
+      ``quantize_static`` still runs ONNX shape inference on it).
+    - ``"ort_extended"``: ``quant_pre_process``, then ORT's *extended* graph optimisations
+      saved offline (``SessionOptions.optimized_model_filepath``, ORT_ENABLE_EXTENDED; ORT
+      docs, "Graph Optimizations in ONNX Runtime"): SiLU's Sigmoid + Mul become one
+      ``QuickGelu``, Conv + Relu ``FusedConv``, LayerNorm / SkipLayerNorm / FusedMatMul
+      contrib ops - all of which the quantizer leaves in float (they are not in its registry),
+      so they run fused, with Q/DQ only at the quantized Conv / MatMul / Gemm around them.
+    - ``"transformer_optimizer"``: ``quant_pre_process``, then ORT's Transformer Model
+      Optimization Tool (``onnxruntime.transformers.optimizer.optimize_model``,
+      ``model_type="vit"``, python fusions only, ``opt_level=0``). ORT docs, "Quantize ONNX
+      Models", *Transformer-based models*: optimise with this tool "before quantizing the
+      model" to get e.g. QAttention. (On the MobileViT student it fuses SkipLayerNorm; its
+      unfold/fold attention matches none of the tool's attention patterns.)
+
+    The prepared graph is written beside the input (``<stem>.pre.onnx``, ``<stem>.ortext.onnx``,
+    ``<stem>.trf.onnx``) and reused while it is newer than the input.
+
+    Returns:
+        ``Path`` of the prepared float32 graph (``fp32_path`` itself for ``"none"``).
+
+    Raises:
+        FileNotFoundError: ``fp32_path`` does not exist.
+        ValueError: ``how`` is not one of :data:`GRAPH_PREPS`.
+    """
+    if how not in GRAPH_PREPS:
+        raise ValueError(f"prepare_graph: how must be one of {GRAPH_PREPS}; got {how!r}")
+    fp32_path = _existing(fp32_path, "fp32 ONNX model")
+    if how == "none":
+        return fp32_path
+    pre = preprocess_onnx(fp32_path)
+    if how == "quant_pre_process":
+        return pre
+    suffix = {"ort_extended": ".ortext.onnx", "transformer_optimizer": ".trf.onnx"}[how]
+    out = fp32_path.with_name(fp32_path.stem + suffix)
+    if out.is_file() and out.stat().st_mtime >= pre.stat().st_mtime:
+        return out
+    if how == "ort_extended":
+        import onnxruntime as ort  # in-function: the enum only
+        return _ort_optimized(pre, out, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    from onnxruntime.transformers.optimizer import optimize_model  # in-function: ~1 s import, this prep only
+    with warnings.catch_warnings(), _quiet_root_logger():
+        warnings.simplefilter("ignore")
+        opt = optimize_model(str(pre), model_type="vit", num_heads=0, hidden_size=0, opt_level=0)
+    atomic_write_bytes(out, opt.model.SerializeToString())
+    return out
+
+
+#: Pseudo op types understood by :func:`float_nodes` (pattern -> what it names).
+FLOAT_PATTERNS = {"SiLU": "Sigmoid(x) and the Mul(x, Sigmoid(x)) it feeds (nn.SiLU exported)",
+                  "LayerNorm": "LayerNormalization and SkipLayerNormalization",
+                  "ActMatMul": "MatMul whose inputs are both activations (attention q@k^T, attn@v)"}
+
+
+def float_nodes(graph_path: str | os.PathLike, op_types: Sequence[str]) -> list[str]:
+    """Names of the nodes of a graph that are kept in float32 by op type (deterministic).
+
+    The choice depends on the graph only - never on a timing - so two runs exclude the same
+    nodes. Besides plain op types (``"Softmax"``, ``"Mul"`` ...) it understands the patterns
+    of :data:`FLOAT_PATTERNS`: ``"SiLU"`` (the Sigmoid and the Mul of ``x * sigmoid(x)``,
+    not other Muls) and ``"LayerNorm"``. Excluded nodes get no QuantizeLinear /
+    DequantizeLinear pair of their own (``nodes_to_exclude`` of ``quantize_static``, ORT
+    docs, "Quantize ONNX Models"); a Q/DQ remains only where a neighbour is quantized.
+
+    Args:
+        graph_path: the prepared graph (:func:`prepare_graph`) whose node names
+            ``quantize_static`` sees.
+        op_types: op types and / or pattern names.
+
+    Returns:
+        sorted node names (empty for no ``op_types``).
+
+    Raises:
+        FileNotFoundError: no such graph.
+    """
+    wanted = set(op_types or ())
+    if not wanted:
+        return []
+    g = onnx.load(str(_existing(graph_path, "ONNX graph")), load_external_data=False).graph
+    if "LayerNorm" in wanted:
+        wanted |= {"LayerNormalization", "SkipLayerNormalization"}
+    names = {n.name for n in g.node if n.op_type in wanted and n.name}
+    if "ActMatMul" in wanted:
+        consts = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+        names |= {n.name for n in g.node if n.op_type == "MatMul" and n.name and not (set(n.input) & consts)}
+    if "SiLU" in wanted:
+        consumers: dict[str, list] = {}
+        for n in g.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        for n in g.node:
+            if n.op_type != "Sigmoid" or not n.name:
+                continue
+            muls = [c for c in consumers.get(n.output[0], []) if c.op_type == "Mul" and n.input[0] in c.input]
+            if muls:
+                names.add(n.name)
+                names.update(m.name for m in muls if m.name)
+    return sorted(names)
+
+
 def calibration_table(fp32_path: str | os.PathLike, calib_images, out_path: str | os.PathLike,
                       method: str = "minmax", activation_symmetric: bool = False,
-                      percentile: float = 99.999) -> Path:
+                      percentile: float = 99.999, graph_prep: str = "quant_pre_process") -> Path:
     """Calibrate once: run the pre-processed model on ``calib_images`` and store tensor ranges.
 
     The JSON written is ORT's calibration cache (``save_tensors_data``): tensor name ->
@@ -550,12 +739,14 @@ def calibration_table(fp32_path: str | os.PathLike, calib_images, out_path: str 
         method: ``minmax``, ``entropy``, ``percentile`` or ``distribution``.
         activation_symmetric: symmetric ranges (needed with signed activations).
         percentile: kept percentile for ``percentile`` calibration.
+        graph_prep: the graph the table is computed on (:func:`prepare_graph`); a table
+            fits only models quantized from the same prepared graph (tensor names).
 
     Returns:
         ``Path`` of the JSON table.
     """
-    pre = preprocess_onnx(fp32_path)
-    reader = calibration_reader(calib_images)
+    pre = prepare_graph(fp32_path, graph_prep)
+    reader = calibration_reader(calibration_set(calib_images))
     opts = {"symmetric": bool(activation_symmetric)}
     if str(method).lower() == "percentile":
         opts["percentile"] = float(percentile)
@@ -576,14 +767,15 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                   activation_type: str = "u8", weight_type: str = "s8", activation_symmetric: bool = False,
                   weight_symmetric: bool = True, reduce_range: bool = False, percentile: float = 99.999,
                   calibration_cache: str | os.PathLike | None = None, nodes_to_quantize: Sequence[str] | None = None,
-                  extra_options: dict | None = None) -> Path:
+                  extra_options: dict | None = None, graph_prep: str = "quant_pre_process",
+                  float_op_types: Sequence[str] = ()) -> Path:
     """Static INT8 post-training quantization with ONNX Runtime's ``quantize_static``.
 
     Affine quantization (Jacob et al. 2018): ``x_q = clamp(round(x / s) + z)``; activations
     use ranges measured on ``calib_images`` (calibration), weights their own min/max, per
-    output channel when ``per_channel``. The model is pre-processed with
-    ``quant_pre_process`` first (:func:`preprocess_onnx`); the output is written to a temp
-    file and renamed (atomic).
+    output channel when ``per_channel``. The graph is prepared first (:func:`prepare_graph`;
+    default ``quant_pre_process``, :func:`preprocess_onnx`); the output is written to a temp
+    file and renamed (atomic). Calibration images pass through :func:`calibration_set`.
 
     Args:
         fp32_path: float32 ``.onnx`` (from :func:`export_onnx`).
@@ -592,9 +784,14 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             Optional when ``calibration_cache`` is an existing table.
         method: calibration: ``minmax``, ``entropy``, ``percentile`` (or ``distribution``).
         per_channel: per-output-channel weight scales.
-        nodes_to_exclude: node names (of the pre-processed graph) left in float32.
+        nodes_to_exclude: node names (of the prepared graph) left in float32.
         op_types_to_quantize: e.g. ``["Conv", "MatMul"]``; None quantizes every op type
             ORT supports.
+        graph_prep: how the fp32 graph is prepared before quantizing, one of
+            :data:`GRAPH_PREPS` (:func:`prepare_graph`).
+        float_op_types: op types whose nodes are added to ``nodes_to_exclude``, chosen by
+            op type only (deterministic; :func:`float_nodes`; ``"SiLU"`` names the
+            Sigmoid + Mul pair).
         quant_format: ``"qdq"`` (QuantizeLinear/DequantizeLinear pairs, ORT fuses them) or
             ``"qoperator"`` (QLinearConv etc. written directly), or a ``QuantFormat``.
         activation_type, weight_type: ``"u8"`` or ``"s8"`` (u8 activations + s8 weights is
@@ -617,7 +814,10 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     cache = Path(calibration_cache) if calibration_cache is not None else None
     if calib_images is None and (cache is None or not cache.is_file()):
         raise ValueError(f"quantize_int8({fp32_path}): give calib_images or an existing calibration_cache")
-    pre = preprocess_onnx(fp32_path)
+    if calib_images is not None:
+        calib_images = calibration_set(calib_images)
+    pre = prepare_graph(fp32_path, graph_prep)
+    nodes_to_exclude = sorted(set(nodes_to_exclude) | set(float_nodes(pre, float_op_types)))
     opts = {"ActivationSymmetric": bool(activation_symmetric), "WeightSymmetric": bool(weight_symmetric),
             "CalibTensorRangeSymmetric": bool(activation_symmetric)}
     if str(method).lower() == "percentile":
@@ -680,6 +880,150 @@ def quantize_dynamic_int8(fp32_path: str | os.PathLike, out_path: str | os.PathL
 
 
 # --------------------------------------------------------------------------------------
+# INT8 recipes: the ORT graphs issue #15 compares on the MobileViT student
+# --------------------------------------------------------------------------------------
+
+#: ORT's quantization guide, cited by every recipe.
+ORT_QUANT_DOC = "https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html"
+#: The op types that carry the multiply-accumulates (what INT8 is for).
+MAC_OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """One way to build a static INT8 ONNX graph with ORT's ``quantize_static`` (a table row).
+
+    Every field maps to one documented ORT knob; :func:`quantize_recipe` applies it. The
+    session's thread settings are not part of the graph: the section measures every recipe
+    at the study's thread count and the winner again at the other thread counts.
+
+    Attributes:
+        name: short id (file names, table ``recipe`` column).
+        label: the table's ``method`` text.
+        graph_prep: :func:`prepare_graph` mode (``quant_pre_process``, ``none``,
+            ``ort_extended``, ``transformer_optimizer``).
+        quant_format: ``"qdq"`` or ``"qoperator"``.
+        activation_type, weight_type: ``"u8"`` / ``"s8"`` (U8S8, S8S8 ...).
+        per_channel: per-output-channel weight scales.
+        op_types_to_quantize: only these op types get INT8 (None: every op type ORT's
+            registry supports).
+        float_op_types: op types / patterns kept in float without Q/DQ of their own
+            (:func:`float_nodes`, passed as ``nodes_to_exclude``).
+        extra_options: further ``quantize_static`` ``extra_options`` (sorted ``(key,
+            value)`` pairs, so the recipe stays hashable).
+        doc: what the ORT documentation says about this knob (with the section name).
+    """
+
+    name: str
+    label: str
+    graph_prep: str = "quant_pre_process"
+    quant_format: str = "qdq"
+    activation_type: str = "u8"
+    weight_type: str = "s8"
+    per_channel: bool = True
+    op_types_to_quantize: tuple | None = None
+    float_op_types: tuple = ()
+    extra_options: tuple = ()
+    doc: str = ""
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of :func:`quantize_int8` for this recipe (S8 activations are symmetric)."""
+        extra = dict(self.extra_options)
+        sym = _qtype(self.activation_type) == ortq.QuantType.QInt8
+        return dict(graph_prep=self.graph_prep, quant_format=self.quant_format, activation_type=self.activation_type,
+                    weight_type=self.weight_type, per_channel=self.per_channel, activation_symmetric=sym,
+                    op_types_to_quantize=list(self.op_types_to_quantize) if self.op_types_to_quantize else None,
+                    float_op_types=tuple(self.float_op_types), extra_options=extra or None)
+
+
+#: The recipes of issue #15, point 3, in table order (the first is the study's default).
+INT8_RECIPES: dict[str, Int8Recipe] = {r.name: r for r in (
+    Int8Recipe("qdq_u8s8_pc", "QDQ U8S8 per-channel, all ops (quant_pre_process)",
+               doc="QDQ format (*ONNX quantization representation format*; quantize_static: 'QDQ has been the "
+                   "recommended format since 1.11'); U8S8 with reduce_range=False on x86 with VNNI "
+                   "(quantize_static docstring, 'Choosing parameters for CPU inference'); per-channel weights "
+                   "(*FAQ: When to use reduce-range and per-channel quantization?*); quant_pre_process first "
+                   "(*Pre-processing*)."),
+    Int8Recipe("qdq_u8s8_pt", "QDQ U8S8 per-tensor, all ops", per_channel=False,
+               doc="per_channel=False: 'gives the best throughput on CPU' (quantize_static docstring); per-channel "
+                   "'can improve the accuracy for models whose weight ranges are large' (*FAQ*)."),
+    Int8Recipe("qdq_s8s8_pc", "QDQ S8S8 per-channel, all ops", activation_type="s8",
+               doc="'S8S8 with QDQ is the default setting and balances performance and accuracy. It should be the "
+                   "first choice' (*Data type selection*); activations symmetric (zero point 0)."),
+    Int8Recipe("qoperator_u8s8_pc", "QOperator U8S8 per-channel, all ops", quant_format="qoperator",
+               doc="QOperator format: QLinearConv etc. written directly (*ONNX quantization representation "
+                   "format*); 'QDQ is strongly preferred over QOperator for CPU' (quantize_static docstring)."),
+    Int8Recipe("qdq_no_preprocess", "QDQ U8S8 per-channel, all ops, without quant_pre_process", graph_prep="none",
+               doc="control for *Pre-processing*: symbolic shape inference + model optimisation skipped "
+                   "(quantize_static still runs ONNX shape inference itself; the study's export is already "
+                   "constant-folded and onnxslim-simplified)."),
+    Int8Recipe("qdq_mac_only", "QDQ U8S8 per-channel, Conv/MatMul/Gemm only", op_types_to_quantize=MAC_OP_TYPES,
+               doc="op_types_to_quantize=['Conv', 'MatMul', 'Gemm'] (quantize_static docstring: 'specify the "
+                   "types of operators to quantize'); everything else float."),
+    Int8Recipe("qdq_mac_constb", "QDQ U8S8 per-channel, Conv/Gemm + MatMul with a constant operand",
+               op_types_to_quantize=MAC_OP_TYPES, float_op_types=("ActMatMul",),
+               doc="the attention MatMuls (activation x activation: q@k^T, attn@v) stay float. The docstring's "
+                   "extra_options MatMulConstBOnly=True would say so, but onnxruntime 1.31.1's QDQ quantizer "
+                   "ignores it (measured: byte-identical graph), so they are listed in nodes_to_exclude."),
+    Int8Recipe("qdq_float_silu_softmax_ln", "QDQ U8S8 per-channel, SiLU/Softmax/LayerNorm (+ attention MatMuls) float",
+               float_op_types=("SiLU", "Softmax", "LayerNorm", "ActMatMul"),
+               doc="nodes_to_exclude = every SiLU (Sigmoid + Mul), Softmax and LayerNorm node, chosen by op type "
+                   "(deterministic; quantize_static docstring). The attention MatMuls around Softmax are excluded "
+                   "too: an excluded node between two quantized ones still sits in a DQ -> op -> Q sandwich, which "
+                   "ORT fuses into an integer kernel anyway (measured: QLinearSoftmax)."),
+    Int8Recipe("qdq_ortext_mac", "ORT extended fusions, then QDQ U8S8 per-channel Conv/MatMul/Gemm",
+               graph_prep="ort_extended", op_types_to_quantize=MAC_OP_TYPES,
+               doc="ORT graph optimisation (extended: QuickGelu = fused SiLU, FusedConv, LayerNorm) before "
+                   "quantizing (*Pre-processing*: 'Model optimization performs certain operator fusion that makes "
+                   "quantization tool's job easier'); fused ops stay float."),
+    Int8Recipe("qdq_transformer_opt", "Transformer optimizer (vit), then QDQ U8S8 per-channel, all ops",
+               graph_prep="transformer_optimizer",
+               doc="*Transformer-based models*: 'optimize your models using the Transformer Model Optimization "
+                   "Tool before quantizing the model'."),
+)}
+
+
+def quantize_recipe(fp32_path: str | os.PathLike, out_path: str | os.PathLike, recipe: Int8Recipe | str,
+                    calib_images, method: str = "minmax", table_dir: str | os.PathLike | None = None,
+                    nodes_to_exclude: Iterable[str] = ()) -> Path:
+    """Build one INT8 recipe (:class:`Int8Recipe`) of an fp32 model with :func:`quantize_int8`.
+
+    The calibration table (ranges of every tensor of the recipe's prepared graph, computed
+    on :func:`calibration_set` ``(calib_images)``) is stored once per (prepared graph,
+    method, images) in ``table_dir`` (default: beside the fp32 file) as
+    ``<graph stem>.calib.<method>.<calibration_fingerprint>.json`` and shared by every
+    recipe on the same prepared graph.
+
+    Args:
+        fp32_path: float32 ``.onnx`` (batch 1, fixed H, W).
+        out_path: INT8 ``.onnx`` to write (atomically).
+        recipe: an :class:`Int8Recipe` or a key of :data:`INT8_RECIPES`.
+        calib_images: float32 ``(N, 3, H, W)``: the study's calibration set.
+        method: calibration method (``minmax``, ``entropy``, ``percentile``).
+        table_dir: folder of the calibration tables.
+        nodes_to_exclude: further node names (of the prepared graph) kept in float.
+
+    Returns:
+        ``Path`` of the INT8 model.
+
+    Raises:
+        KeyError: unknown recipe name.
+        FileNotFoundError: no ``fp32_path``.
+        ValueError: bad calibration images.
+    """
+    r = INT8_RECIPES[recipe] if isinstance(recipe, str) else recipe
+    calib = calibration_set(calib_images)
+    graph = prepare_graph(fp32_path, r.graph_prep)
+    tdir = Path(table_dir) if table_dir is not None else Path(fp32_path).parent
+    tdir.mkdir(parents=True, exist_ok=True)
+    table = tdir / f"{graph.stem}.calib.{str(method).lower()}.{calibration_fingerprint(calib)}.json"
+    if not table.is_file():
+        calibration_table(fp32_path, calib, table, method=method, graph_prep=r.graph_prep)
+    return quantize_int8(fp32_path, out_path, None, method=method, calibration_cache=table,
+                         nodes_to_exclude=nodes_to_exclude, **r.kwargs())
+
+
+# --------------------------------------------------------------------------------------
 # What runs, and where the time goes
 # --------------------------------------------------------------------------------------
 
@@ -715,7 +1059,9 @@ def kernel_counts(path: str | os.PathLike, threads: int = DEFAULT_THREADS) -> di
         dict with ``ops`` (Counter of op types), ``int8_nodes`` (nodes in
         :data:`INT8_KERNELS`), ``float_nodes`` (float multiply-accumulate nodes,
         :data:`FLOAT_COMPUTE`), ``qdq_nodes`` (remaining QuantizeLinear/DequantizeLinear/
-        DynamicQuantizeLinear) and ``total_nodes``.
+        DynamicQuantizeLinear), ``q_nodes`` / ``dq_nodes`` (QuantizeLinear /
+        DequantizeLinear alone), ``transpose_nodes``, ``leftover_nodes`` (Q + DQ +
+        Transpose: the overhead nodes issue #15 counts) and ``total_nodes``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -724,10 +1070,11 @@ def kernel_counts(path: str | os.PathLike, threads: int = DEFAULT_THREADS) -> di
         opt = Path(tmpd) / "optimized.onnx"
         ort_session(path, threads=threads, optimized_model_path=opt)
         ops = Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
+    q, dq, t = ops["QuantizeLinear"], ops["DequantizeLinear"], ops["Transpose"]
     return {"ops": ops, "int8_nodes": sum(ops[k] for k in INT8_KERNELS),
             "float_nodes": sum(ops[k] for k in FLOAT_COMPUTE),
-            "qdq_nodes": ops["QuantizeLinear"] + ops["DequantizeLinear"] + ops["DynamicQuantizeLinear"],
-            "total_nodes": sum(ops.values())}
+            "qdq_nodes": q + dq + ops["DynamicQuantizeLinear"], "q_nodes": q, "dq_nodes": dq,
+            "transpose_nodes": t, "leftover_nodes": q + dq + t, "total_nodes": sum(ops.values())}
 
 
 def profile_ops(onnx_path: str | os.PathLike, input_hw, runs: int = 20, warmup: int = 5,
@@ -795,6 +1142,64 @@ def op_time_by_type(node_df):
     g = node_df.groupby("op_type").agg(nodes=("node", "count"), ms_per_run=("ms_per_run", "sum"))
     g["share"] = g["ms_per_run"] / g["ms_per_run"].sum()
     return g.sort_values("ms_per_run", ascending=False).reset_index()
+
+
+#: Op-type categories of :func:`op_time_categories` (checked in this order; the rest is
+#: ``other float`` or ``other int8`` by the ``QLinear`` prefix).
+OP_CATEGORIES = {
+    "Conv/MatMul/Gemm int8": ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                              "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "QLinearConvTranspose"),
+    "Conv/MatMul/Gemm float": FLOAT_COMPUTE,
+    "Q/DQ": ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"),
+    "layout (Transpose/Reshape/...)": ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Split", "Concat",
+                                       "QLinearConcat", "ReorderInput", "ReorderOutput", "Slice", "Gather",
+                                       "Flatten", "Identity", "Expand"),
+}
+
+
+def op_category(op_type: str) -> str:
+    """Category of an op type for :func:`op_time_categories` (:data:`OP_CATEGORIES`)."""
+    for cat, ops in OP_CATEGORIES.items():
+        if op_type in ops:
+            return cat
+    return "other int8" if op_type.startswith("QLinear") else "other float"
+
+
+def op_time_categories(node_df) -> pd.DataFrame:
+    """Where the time goes, by category: :func:`profile_ops` rows summed per :func:`op_category`.
+
+    The question it answers for INT8: what fraction of an inference is the Conv / MatMul /
+    Gemm work INT8 can accelerate (Amdahl: with a fraction ``f`` of the time sped up by
+    ``k``, the whole is at most ``1 / (1 - f + f / k)`` faster), and how much is added by
+    Q/DQ and layout ops.
+
+    Args:
+        node_df: DataFrame of :func:`profile_ops` (``op_type``, ``ms_per_run``).
+
+    Returns:
+        DataFrame ``category, nodes, ms_per_run (ms), share`` (fraction of the summed
+        kernel time), every category of :data:`OP_CATEGORIES` plus ``other float`` /
+        ``other int8`` (0 when absent), in a fixed order.
+    """
+    cats = list(OP_CATEGORIES) + ["other float", "other int8"]
+    d = node_df.assign(category=node_df["op_type"].map(op_category))
+    g = d.groupby("category").agg(nodes=("op_type", "count"), ms_per_run=("ms_per_run", "sum"))
+    g = g.reindex(cats, fill_value=0)
+    total = g["ms_per_run"].sum()
+    g["share"] = g["ms_per_run"] / total if total > 0 else 0.0
+    return g.reset_index().rename(columns={"index": "category"})
+
+
+def amdahl_bound(mac_share: float, mac_speedup: float) -> float:
+    """Whole-model speed-up when a fraction ``mac_share`` of the time runs ``mac_speedup``
+    times faster and the rest is unchanged: ``1 / (1 - f + f / k)`` (Amdahl 1967).
+
+    Raises:
+        ValueError: ``mac_share`` outside [0, 1] or ``mac_speedup <= 0``.
+    """
+    if not 0.0 <= mac_share <= 1.0 or mac_speedup <= 0:
+        raise ValueError(f"amdahl_bound: need 0 <= share <= 1 and speedup > 0; got {mac_share}, {mac_speedup}")
+    return 1.0 / (1.0 - mac_share + mac_share / mac_speedup)
 
 
 def _probe_input(input_hw) -> np.ndarray:
@@ -875,8 +1280,10 @@ def node_groups(fp32_path: str | os.PathLike, by: str = "op_type", depth: int = 
     """Group the quantizable nodes of a model, for sensitivity analysis.
 
     Args:
-        by: ``"op_type"`` (all Conv, all Mul, ...), ``"scope"`` (the exporter's module path
-            cut at ``depth`` levels, e.g. ``/model/backbone/stages.3``) or ``"node"``.
+        by: ``"op_type"`` (all Conv, all Mul, ...), ``"pattern"`` (as ``op_type``, but the
+            Sigmoid + Mul pairs of SiLU form one group ``SiLU``, :func:`float_nodes`),
+            ``"scope"`` (the exporter's module path cut at ``depth`` levels, e.g.
+            ``/model/backbone/stages.3``) or ``"node"``.
         depth: scope depth for ``by="scope"``.
         min_nodes: drop groups with fewer nodes.
 
@@ -886,11 +1293,15 @@ def node_groups(fp32_path: str | os.PathLike, by: str = "op_type", depth: int = 
     Raises:
         ValueError: unknown ``by``.
     """
-    if by not in ("op_type", "scope", "node"):
-        raise ValueError(f"node_groups: by must be 'op_type', 'scope' or 'node'; got {by!r}")
+    if by not in ("op_type", "pattern", "scope", "node"):
+        raise ValueError(f"node_groups: by must be 'op_type', 'pattern', 'scope' or 'node'; got {by!r}")
+    silu = set(float_nodes(preprocess_onnx(fp32_path), ["SiLU"])) if by == "pattern" else set()
     groups: dict[str, list[str]] = {}
     for name, op in quantizable_nodes(fp32_path):
-        key = op if by == "op_type" else (_scope(name, depth) if by == "scope" else name)
+        if by in ("op_type", "pattern"):
+            key = "SiLU" if name in silu else op
+        else:
+            key = _scope(name, depth) if by == "scope" else name
         groups.setdefault(key, []).append(name)
     return {k: v for k, v in groups.items() if len(v) >= min_nodes}
 
@@ -912,7 +1323,7 @@ def _miou(logits: np.ndarray, masks) -> float | None:
 def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val_masks=None,
                      work_dir: str | os.PathLike | None = None, groups: dict[str, list[str]] | str = "op_type",
                      mode: str = "exclude", method: str = "minmax", per_channel: bool = True,
-                     quant_format="qdq", timing_runs: int = 20, input_hw=None,
+                     quant_format="qdq", timing_runs: int = 0, input_hw=None,
                      threads: int = DEFAULT_THREADS, **quant_kwargs):
     """Measure what quantizing each node group costs in accuracy and buys in speed.
 
@@ -932,7 +1343,8 @@ def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val
         groups: ``{name: [node names]}`` or a :func:`node_groups` ``by`` value.
         mode: ``"exclude"`` or ``"only"``.
         method, per_channel, quant_format, **quant_kwargs: passed to :func:`quantize_int8`.
-        timing_runs: timed runs per variant (0: no timing).
+        timing_runs: timed runs per variant (default 0: no timing, so the table - and a
+            selection made from it - is deterministic).
         input_hw: input size for timing (default: the images' H, W).
         threads: ORT intra-op threads.
 
@@ -1007,47 +1419,51 @@ def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val
     return df
 
 
-def select_nodes_to_exclude(sens, speed_tol: float = 0.03, min_argmax_gain: float = 0.005,
-                            max_slowdown: float = 0.05) -> tuple[list[str], "object"]:
+def select_nodes_to_exclude(sens, min_argmax_gain: float = 0.005, speed_tol: float | None = None,
+                            max_slowdown: float | None = None) -> tuple[list[str], "object"]:
     """Pick the node groups to keep in float32 from a :func:`node_sensitivity` (``exclude``) table.
 
-    A group is excluded when the measurement says so, never by name:
+    Default: by *accuracy only*, so the choice is deterministic (quantization and ORT's CPU
+    kernels are; latencies on a shared machine are not, and a timing-based choice picked
+    different nodes in two runs). A group is excluded when keeping it in float raised the
+    arg-max agreement with fp32 by at least ``min_argmax_gain`` (or raised mIoU by as much,
+    when measured). Time the resulting model separately (the section's variant table).
 
-    - *speed*: keeping it in float made the model faster than the whole-INT8 model by more
-      than ``speed_tol`` (a fraction of the INT8 latency) - its INT8 version (plus the
-      Quantize/Dequantize work around it) is slower on this runtime;
-    - *accuracy*: keeping it in float raised the arg-max agreement with fp32 by at least
-      ``min_argmax_gain`` (or raised mIoU by as much, when measured) while costing at most
-      ``max_slowdown`` (fraction) in latency.
+    Opt-in timing criteria (not deterministic; for exploration only): with ``speed_tol`` a
+    group is also excluded when its float version made the model faster than whole-INT8 by
+    more than ``speed_tol`` (fraction of the INT8 latency); with ``max_slowdown`` an
+    accuracy exclusion is dropped when it costs more than that fraction in latency.
 
     Args:
         sens: DataFrame returned by :func:`node_sensitivity` with ``mode="exclude"``.
+        min_argmax_gain: arg-max agreement (or mIoU) gain, fraction, that earns float.
+        speed_tol, max_slowdown: optional timing criteria (fractions), see above.
 
     Returns:
-        ``(node_names, decisions)``: the union of excluded nodes, and a DataFrame
+        ``(node_names, decisions)``: the union of excluded nodes (sorted), and a DataFrame
         ``group, n_nodes, d_latency_ms, d_argmax, d_miou, excluded, reason`` for the notebook.
 
     Raises:
-        ValueError: the table is not an ``exclude`` sensitivity table.
+        ValueError: the table is not an ``exclude`` sensitivity table, or a timing criterion
+            is asked for on a table without latencies.
     """
     if "int8_all" not in set(sens["group"]) or not (sens["mode"] == "exclude").any():
         raise ValueError("select_nodes_to_exclude needs a node_sensitivity(..., mode='exclude') table")
     base = sens.loc[sens["group"] == "int8_all"].iloc[0]
-    lat0 = base["latency_ms"]
+    use_time = speed_tol is not None or max_slowdown is not None
+    if use_time and not np.isfinite(base["latency_ms"]):
+        raise ValueError("select_nodes_to_exclude: speed_tol / max_slowdown need node_sensitivity(timing_runs > 0)")
     nodes: list[str] = []
     rows = []
     for _, r in sens[sens["mode"] == "exclude"].iterrows():
-        if "ref_latency_ms" in r and np.isfinite(r["ref_latency_ms"]):
-            lat0 = r["ref_latency_ms"]
-        timed = np.isfinite(lat0) and np.isfinite(r["latency_ms"])
-        faster = timed and r["d_latency_ms"] < -speed_tol * lat0
-        cheap = (not timed) or r["d_latency_ms"] <= max_slowdown * lat0
+        lat0 = r["ref_latency_ms"] if np.isfinite(r.get("ref_latency_ms", np.nan)) else base["latency_ms"]
+        faster = speed_tol is not None and r["d_latency_ms"] < -speed_tol * lat0
+        cheap = max_slowdown is None or r["d_latency_ms"] <= max_slowdown * lat0
         gain = r["d_argmax"]
         if pd.notna(r.get("d_miou")) and np.isfinite(r.get("d_miou")):
             gain = max(gain, r["d_miou"])
         accurate = gain >= min_argmax_gain and cheap
-        reason = ("faster in float" if faster else "") + ("; " if faster and accurate else "") + \
-                 ("more accurate in float" if accurate else "")
+        reason = "; ".join(x for x, on in (("faster in float", faster), ("more accurate in float", accurate)) if on)
         if faster or accurate:
             nodes.extend(r["nodes"])
         rows.append({"group": r["group"], "n_nodes": r["n_nodes"], "d_latency_ms": r["d_latency_ms"],

@@ -111,42 +111,78 @@ def _previous_records(out: Path) -> dict:
 
 def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | None = None,
         bench_host: str = "", fresh: bool = False, build_dir: str = "build", kernel: str = "python3",
-        report: bool = True) -> dict:
+        report: bool = True, weights_dir: str = "", fast_dev_run: bool = False, nproc: int = 1,
+        nnodes: int = 1, rdzv_endpoint: str = "") -> dict:
     """Execute the notebooks of ``sections`` and write ``run.json`` (and ``report.html``).
+
+    Args:
+        profile, seed, data_root, sections, bench_host, fresh, build_dir: as the CLI options.
+        kernel: Jupyter kernel of the notebooks.
+        report: build ``report.html`` (and check it in a browser where one is installed).
+        weights_dir: ``--weights-dir`` (ImageNet encoder checkpoints; makes every profile
+            start pretrained).
+        fast_dev_run: ``--fast-dev-run``: the profile's dry run
+            (:meth:`study.profiles.Profile.fast_dev_run`), written to
+            ``<build_dir>/<profile>-dryrun/``.
+        nproc, nnodes, rdzv_endpoint: ``torchrun`` launch of every cached training (passed
+            to the kernels in the environment, see :mod:`study.context`).
 
     Returns:
         the run record (as written to ``run.json``); ``record['failed']`` lists failed notebooks.
+
+    Raises:
+        study.profiles.ProfileError: unknown profile or unmet requirements.
+        study.models.WeightsError: a pretrained run without its checkpoints (before any
+            notebook runs; the message names every file and its download command).
     """
+    from .context import NNODES_ENV, NPROC_ENV, RDZV_ENV, check_weights  # torch, timm: not for --help
+
+    prof = get_profile(profile, data_root=data_root or None, fast_dev_run=fast_dev_run,
+                       weights_dir=weights_dir or None)
+    if prof.dry_run:
+        print(f"DRY RUN (--fast-dev-run) of profile {profile!r}: every notebook with 2 optimizer steps per "
+              f"training, {prof.eval_batches} validation batches per evaluation, {prof.bench_min_runs} runs per "
+              f"benchmark, the real shapes; the numbers are not results.", flush=True)
+    weights = check_weights(prof, load=True)  # before the first notebook: fail early, naming the files
     build = Path(build_dir)
     if not build.is_absolute():
         build = REPO_ROOT / build
-    out = build / profile
+    out = build / prof.out_name
     out.mkdir(parents=True, exist_ok=True)
-    # Kernels inherit this: no progress bars in the saved notebooks, one summary line per
-    # training instead (study.train.progress_bar).
-    saved_env = os.environ.get("SEGCOMPRESS_BATCH")
-    os.environ["SEGCOMPRESS_BATCH"] = "1"
+    # Kernels inherit these: no progress bars in the saved notebooks (one summary line per
+    # training instead, study.train.progress_bar), and the multi-process launch settings.
+    env = {"SEGCOMPRESS_BATCH": "1", NPROC_ENV: str(int(nproc)), NNODES_ENV: str(int(nnodes)),
+           RDZV_ENV: rdzv_endpoint or ""}
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     params = {"profile": profile, "seed": seed, "data_root": data_root, "build_dir": str(build),
-              "fresh": fresh, "bench_host": bench_host}
+              "fresh": fresh, "bench_host": bench_host, "weights_dir": prof.weights_dir,
+              "fast_dev_run": bool(fast_dev_run)}
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     records = []
-    for stem in notebooks_for(sections):
-        rec = run_notebook(stem, out, params, kernel)
-        flag = "ok" if rec["status"] == "ok" else "FAILED"
-        extra = "" if rec["status"] == "ok" else f"  cell {rec['failed_cell']}: {rec['error'].splitlines()[0]}"
-        print(f"[{flag:>6}] {stem:<24} {rec['seconds']:8.1f} s{extra}", flush=True)
-        records.append(rec)
-    if saved_env is None:
-        os.environ.pop("SEGCOMPRESS_BATCH", None)
-    else:
-        os.environ["SEGCOMPRESS_BATCH"] = saved_env
+    try:
+        for stem in notebooks_for(sections):
+            rec = run_notebook(stem, out, params, kernel)
+            flag = "ok" if rec["status"] == "ok" else "FAILED"
+            extra = "" if rec["status"] == "ok" else f"  cell {rec['failed_cell']}: {rec['error'].splitlines()[0]}"
+            print(f"[{flag:>6}] {stem:<24} {rec['seconds']:8.1f} s{extra}", flush=True)
+            records.append(rec)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     # re-read at the end: another run on the same build (other sections) may have finished
     prev = {**_previous_records(out), **{r["name"]: r for r in records}}
     run_rec = {"profile": profile, "seed": seed, "data_root": data_root or "(embedded generated dataset)",
                "bench_host": bench_host, "fresh": fresh, "started": started,
                "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                "total_seconds": round(sum(r["seconds"] for r in records), 2),
-               "profile_config": PROFILES[profile].to_dict(), **provenance(),
+               "fast_dev_run": bool(prof.dry_run), "pretrained": bool(prof.pretrained),
+               "weights_dir": prof.weights_dir, "weights": weights,
+               "nproc": int(nproc), "nnodes": int(nnodes), "rdzv_endpoint": rdzv_endpoint,
+               "profile_config": prof.to_dict(), **provenance(),
                "notebooks": [prev[s] for s in NOTEBOOKS if s in prev],
                "failed": [r["name"] for r in records if r["status"] != "ok"]}
     atomic_write_text(out / "run.json", json.dumps(run_rec, indent=2, default=str))
@@ -410,13 +446,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="output root; results go to DIR/<profile>/, the cache to DIR/cache/")
     r.add_argument("--kernel", default=os.environ.get("SEGCOMPRESS_KERNEL", "python3"),
                    help="Jupyter kernel that executes the notebooks (run_all.sh installs 'segcompress')")
+    r.add_argument("--weights-dir", default="", metavar="DIR",
+                   help="ImageNet encoder checkpoints, DIR/<timm name>.<tag>/model.safetensors (+ DIR/topformer/); "
+                        "every profile then starts pretrained (paper does by default, from the hub)")
+    r.add_argument("--fast-dev-run", action="store_true",
+                   help="dry run: 2 optimizer steps per training, 2 validation batches per evaluation, 3 runs per "
+                        "benchmark, every sweep point, the real shapes; paper runs on a CPU; outputs in "
+                        "DIR/<profile>-dryrun/")
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes per node of every cached training (torchrun; gloo on CPU, NCCL on GPU)")
+    r.add_argument("--nnodes", type=int, default=1, metavar="N", help="nodes of every cached training (torchrun)")
+    r.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                   help="torchrun rendezvous endpoint (needed with --nnodes > 1)")
     b = sub.add_parser("report", help="rebuild report.html from an existing build", formatter_class=fmt)
     b.add_argument("--profile", default="cpu", choices=list(PROFILES), help="which build/<profile>/ to rebuild")
     b.add_argument("--build-dir", default="build", metavar="DIR", help="output root of the earlier run")
+    b.add_argument("--fast-dev-run", action="store_true", help="the dry run's build (DIR/<profile>-dryrun/)")
     c = sub.add_parser("check", help="open build/<profile>/report.html in headless Chromium and print "
                                      "the DOM check (JSON); keeps a screenshot beside it", formatter_class=fmt)
     c.add_argument("--profile", default="cpu", choices=list(PROFILES), help="which build/<profile>/report.html")
     c.add_argument("--build-dir", default="build", metavar="DIR", help="output root of the run")
+    c.add_argument("--fast-dev-run", action="store_true", help="the dry run's build (DIR/<profile>-dryrun/)")
     return ap
 
 
@@ -424,9 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 1 a notebook failed, 2 bad arguments)."""
     ap = _parser()
     args = ap.parse_args(argv)
+    out_name = args.profile + ("-dryrun" if getattr(args, "fast_dev_run", False) else "")
     if args.cmd == "check":
         out = Path(args.build_dir)
-        out = (out if out.is_absolute() else REPO_ROOT / out) / args.profile
+        out = (out if out.is_absolute() else REPO_ROOT / out) / out_name
         res = check_report_in_browser(out / "report.html", screenshot=out / "report-screenshot.png")
         print(json.dumps(res, indent=2))
         bad = (res["raw_dollar_math"] + res["raw_latex_commands"] + res["math_errors"] + res["images_broken"]
@@ -434,17 +485,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if bad else 0
     if args.cmd == "report":
         out = Path(args.build_dir)
-        out = (out if out.is_absolute() else REPO_ROOT / out) / args.profile
+        out = (out if out.is_absolute() else REPO_ROOT / out) / out_name
         if not (out / "run.json").exists():
             ap.error(f"--profile {args.profile}: no run.json in {out}; run the study first")
         print(build_report(out, json.loads((out / "run.json").read_text())))
         return 0
     if args.seed < 0:
         ap.error(f"--seed must be >= 0, got {args.seed}")
+    if args.nproc < 1 or args.nnodes < 1:
+        ap.error(f"--nproc and --nnodes must be >= 1, got {args.nproc}, {args.nnodes}")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        ap.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+    if args.weights_dir and not Path(args.weights_dir).is_dir():
+        ap.error(f"--weights-dir {args.weights_dir}: not a directory")
     try:
-        get_profile(args.profile, data_root=args.data_root or None)
+        prof = get_profile(args.profile, data_root=args.data_root or None, fast_dev_run=args.fast_dev_run)
     except ProfileError as exc:
         ap.error(f"--profile {args.profile}: {exc}")
+    world = args.nproc * args.nnodes
+    if prof.batch_size % world:
+        ap.error(f"--nproc {args.nproc} x --nnodes {args.nnodes} = {world} processes must divide the profile's "
+                 f"batch size {prof.batch_size}")
     if args.data_root:
         if not Path(args.data_root).is_dir():
             ap.error(f"--data-root {args.data_root}: not a directory")
@@ -452,8 +513,17 @@ def main(argv: list[str] | None = None) -> int:
             validate_dataset(args.data_root, check_values=False)
         except DataError as exc:
             ap.error(f"--data-root {args.data_root}: {exc}")
-    rec = run(args.profile, args.seed, os.path.abspath(args.data_root) if args.data_root else "", args.only,
-              args.bench_host, args.fresh, args.build_dir, args.kernel)
+    from .models import WeightsError
+
+    try:
+        rec = run(args.profile, args.seed, os.path.abspath(args.data_root) if args.data_root else "", args.only,
+                  args.bench_host, args.fresh, args.build_dir, args.kernel,
+                  weights_dir=os.path.abspath(args.weights_dir) if args.weights_dir else "",
+                  fast_dev_run=args.fast_dev_run, nproc=args.nproc, nnodes=args.nnodes,
+                  rdzv_endpoint=args.rdzv_endpoint)
+    except WeightsError as exc:
+        print(f"python -m study.report run: {exc}", file=sys.stderr)
+        return 2
     if rec["failed"]:
         print(f"failed notebooks: {', '.join(rec['failed'])} (see run.json and report.html)", file=sys.stderr)
         return 1

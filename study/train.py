@@ -14,18 +14,26 @@ gradients. ``loss_fn`` plugs in other objectives (knowledge distillation:
     scores = train.evaluate(model, val_loader)                       # miou, mdice, per_class_iou...
 
 Entry points: :func:`train`, :func:`evaluate`, :func:`predict`, :func:`seed_everything`,
-:class:`TrainConfig`, :func:`segmentation_loss`. The cached baseline models, the profile's
+:class:`TrainConfig`, :func:`segmentation_loss`. Multi-process jobs: :func:`write_job`
+(a training as a self-contained file), :func:`launch_job` (``torchrun ... -m study.train
+job FILE``, which runs :func:`run_job` on every rank). The cached baseline models, the profile's
 training config and recovery fine-tuning (all of which take a context) are in
 :mod:`study.sections.common` (``trained_model``, ``train_config``, ``finetune``).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import importlib
 import io
+import marshal
 import os
+import pickle
 import random
+import subprocess
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,7 +45,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import IGNORE_INDEX, NUM_CLASSES
-from .cache import atomic_write_text
+from .cache import atomic_torch_save, atomic_write_text
 from .data import batch_stream
 from .metrics import SegmentationMeter
 
@@ -291,6 +299,260 @@ def evaluate(model: nn.Module, loader, num_classes: int = NUM_CLASSES, progress:
             "confusion": s["confusion"].tolist(), "seconds": time.perf_counter() - t0}
 
 
+# --------------------------------------------------------------------------- torchrun jobs
+#
+# A training becomes a file (:func:`write_job`) that every rank of a ``torchrun`` job loads
+# (:func:`run_job`). The file holds the initial model, the train / val loaders, the
+# :class:`TrainConfig` and the loss function as Python objects (``torch.save``). Loss
+# functions are usually closures (``study.distill.make_kd_loss`` returns one over the
+# teacher), which the standard pickle refuses; :class:`_JobPickler` stores a function
+# defined inside another function, or a lambda, *by value* - its marshalled code, its
+# module's name (globals are that module's, imported on the rank) and its closure cells
+# (pickled in turn: a teacher module travels inside the KD loss). This is the technique
+# of cloudpickle, reduced to what the study's jobs contain. Marshalled code is specific to
+# the Python version: every node of a job must run the same environment (the pinned one).
+
+
+class _EmptyCell:
+    """Marker of a closure cell without a value."""
+
+
+def _rebuild_function(code: bytes, module: str, name: str, qualname: str, defaults, kwdefaults, cells):
+    """Inverse of :meth:`_JobPickler.reducer_override` for functions."""
+    closure = tuple(types.CellType() if isinstance(v, _EmptyCell) else types.CellType(v) for v in cells)
+    fn = types.FunctionType(marshal.loads(code), importlib.import_module(module).__dict__, name, defaults,
+                            closure or None)
+    fn.__kwdefaults__ = kwdefaults
+    fn.__qualname__ = qualname
+    return fn
+
+
+class _JobPickler(pickle.Pickler):
+    """Pickler that stores nested functions and lambdas by value (see the comment above)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, types.FunctionType) and ("<locals>" in obj.__qualname__ or obj.__name__ == "<lambda>"):
+            if obj.__module__ in (None, "__main__"):
+                raise pickle.PicklingError(
+                    f"{obj.__qualname__} is defined in __main__ (a notebook or script): a torchrun job "
+                    "cannot import it; define it in a module of the study package")
+            cells = []
+            for c in obj.__closure__ or ():
+                try:
+                    cells.append(c.cell_contents)
+                except ValueError:
+                    cells.append(_EmptyCell())
+            return (_rebuild_function, (marshal.dumps(obj.__code__), obj.__module__, obj.__name__,
+                                        obj.__qualname__, obj.__defaults__, obj.__kwdefaults__, tuple(cells)))
+        return NotImplemented
+
+
+_JOB_PICKLE = types.SimpleNamespace(Pickler=_JobPickler, Unpickler=pickle.Unpickler, load=pickle.load,
+                                    dump=pickle.dump, __name__="study.train._JOB_PICKLE")
+
+
+def write_job(path, *, model: nn.Module, train_loader, val_loader, cfg: TrainConfig, out, seed: int,
+              world: int, loss_fn: LossFn | None = None, desc: str = "train") -> Path:
+    """Write one training as a job file for :func:`launch_job` / :func:`run_job`.
+
+    Args:
+        path: the job file to write (``*.pt``).
+        model: the initial model (every rank starts from these weights; DDP also broadcasts
+            rank 0's at start).
+        train_loader: the loader every rank iterates; rank ``r`` of ``world`` keeps every
+            ``world``-th batch (:func:`study.data.batch_stream`), so its batch size must be
+            the global batch divided by ``world``.
+        val_loader: evaluated by rank 0 (during training per ``cfg.eval_every`` and at the
+            end), or None.
+        cfg: the training settings (global-batch semantics; see :func:`run_job`).
+        out: where rank 0 writes the result (atomically): a dict ``state_dict``, ``scores``
+            (:func:`evaluate` on ``val_loader``, {} without one) and ``history`` (``loss``,
+            ``evals``, ``seconds``, ``ddp``), the record of
+            :func:`study.sections.common.train_cached`.
+        seed: seed of every rank (:func:`seed_everything`).
+        world: total number of processes the job must have (checked on every rank).
+        loss_fn: as for :func:`train` (closures allowed, see :class:`_JobPickler`).
+        desc: label of the training's log line.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        pickle.PicklingError: something in the job cannot travel (e.g. a function defined
+            in a notebook).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"model": model, "train_loader": train_loader, "val_loader": val_loader, "cfg": cfg, "out": str(out),
+            "seed": int(seed), "world": int(world), "loss_fn": loss_fn, "desc": desc,
+            "python": list(sys.version_info[:3])}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        torch.save(spec, tmp, pickle_module=_JOB_PICKLE)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def torchrun_command(job, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "") -> list[str]:
+    """The ``torchrun`` command line of ``job`` (a :func:`write_job` file).
+
+    One node: ``--standalone`` (a free local port). Several nodes (``nnodes > 1``): c10d
+    rendezvous at ``rdzv_endpoint`` (``host:port``) with id ``rdzv_id``; every node must run
+    the same command (the job file on a shared file system).
+
+    Raises:
+        ValueError: ``nproc`` / ``nnodes`` < 1, or ``nnodes > 1`` without ``rdzv_endpoint``.
+    """
+    if int(nproc) < 1 or int(nnodes) < 1:
+        raise ValueError(f"nproc and nnodes must be >= 1, got {nproc}, {nnodes}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(int(nproc))]
+    if int(nnodes) > 1 or rdzv_endpoint:
+        if not rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
+        cmd += ["--nnodes", str(int(nnodes)), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+                "--rdzv-id", rdzv_id or Path(job).stem]
+    else:
+        cmd += ["--standalone", "--nnodes", "1"]
+    return cmd + ["-m", "study.train", "job", str(job)]
+
+
+def launch_job(job, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "",
+               timeout: float | None = None) -> dict:
+    """Run ``job`` with ``torchrun`` (:func:`torchrun_command`), wait, return rank 0's result.
+
+    The ranks inherit this process's environment with the repository root put first on
+    ``PYTHONPATH`` (they import this same ``study``), and ``OMP_NUM_THREADS`` set to
+    ``max(1, cores // nproc)`` unless already set. Rank 0's summary line is printed.
+
+    Returns:
+        the result dict :func:`run_job` wrote to the job's ``out``.
+
+    Raises:
+        RuntimeError: ``torchrun`` failed (the message holds the end of its output), or it
+            succeeded without writing ``out``.
+    """
+    spec_out = None
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, int(nproc)))))
+    cmd = torchrun_command(job, nproc, nnodes, rdzv_endpoint, rdzv_id)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    for ln in lines:
+        if not ln.startswith("job-output: "):
+            print(ln, flush=True)
+    if r.returncode != 0:
+        tail = (r.stdout[-2000:] + "\n" + r.stderr[-4000:]).strip()
+        raise RuntimeError(f"torchrun job {job} failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}")
+    for ln in lines:
+        if ln.startswith("job-output: "):
+            spec_out = ln.split(": ", 1)[1]
+    if not spec_out or not Path(spec_out).exists():
+        raise RuntimeError(f"torchrun job {job} exited 0 but wrote no result ({spec_out!r})\n{r.stderr[-2000:]}")
+    return torch.load(spec_out, map_location="cpu", weights_only=True)
+
+
+def _modules_to(obj, device, seen: set) -> None:
+    """Move every ``nn.Module`` reachable through ``obj``'s closure cells to ``device`` (in place)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, nn.Module):
+        obj.to(device)
+    elif isinstance(obj, types.FunctionType):
+        for c in obj.__closure__ or ():
+            try:
+                _modules_to(c.cell_contents, device, seen)
+            except ValueError:
+                pass
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """SHA-256 (16 hex chars) of every tensor of ``model.state_dict()`` (names, values)."""
+    h = hashlib.sha256()
+    for k, t in model.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_job(path) -> None:  # pragma: no cover - runs on torchrun's ranks (tests/test_ddp.py)
+    """One rank of a job: train under DDP with :func:`train`, check, write the result on rank 0.
+
+    Backend: NCCL on GPUs (rank ``LOCAL_RANK`` on ``cuda:LOCAL_RANK``), gloo on CPUs. Global
+    batch semantics: the loader in the job has batch size ``global / world`` and every rank
+    keeps every ``world``-th batch, so one optimizer step sees the profile's global batch
+    and the profile's learning rate applies unchanged; DDP averages the gradients. OHEM's
+    ``ohem_min_kept`` (a count of pixels of the global batch) is divided by ``world`` (the
+    job's :class:`TrainConfig` object, so a loss function holding the same object sees it
+    too). BatchNorm statistics are per rank (no SyncBatchNorm), as in plain DDP.
+
+    At the end every rank's parameters are gathered and BatchNorm buffers are broadcast
+    from rank 0 (what DDP does at every forward): ``history["ddp"]`` holds ``world``,
+    ``backend``, ``max_abs_diff`` (largest difference of any parameter between rank 0 and
+    another rank, before that broadcast) and ``rank_digests`` (SHA-256 of each rank's
+    ``state_dict`` after it); rank 0 writes the result to the job's ``out`` (atomically)
+    and prints ``job-output: <path>``.
+
+    Raises:
+        RuntimeError: the job was written for another number of processes.
+    """
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend)
+    try:
+        rank, world = _dist_info()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        try:
+            spec = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise RuntimeError(f"rank {rank}: cannot load job {path} ({exc!r}); every node must run the same "
+                               f"Python and package versions (this is Python {sys.version.split()[0]})") from exc
+        if int(spec["world"]) != world:
+            raise RuntimeError(f"job {path} was written for {spec['world']} processes, torchrun started {world}")
+        seed_everything(int(spec["seed"]))
+        model = spec["model"].to(device)
+        loss_fn = spec["loss_fn"]
+        if loss_fn is not None:
+            _modules_to(loss_fn, device, set())
+        cfg = spec["cfg"]
+        cfg.ohem_min_kept = max(1, int(cfg.ohem_min_kept) // world)
+        desc = f"{spec['desc']} [{world} processes, {backend}]"
+        hist = train(model, spec["train_loader"], spec["val_loader"], cfg, loss_fn=loss_fn, progress=False, desc=desc)
+        params = torch.cat([q.detach().double().flatten() for q in model.parameters()])
+        gathered = [torch.empty_like(params) for _ in range(world)]
+        dist.all_gather(gathered, params)
+        # BatchNorm running statistics are per rank; DDP (broadcast_buffers) makes rank 0's the
+        # model's at every forward: do the same once more, so every rank holds the saved model
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+        digests = [None] * world
+        dist.all_gather_object(digests, _weights_digest(model))
+        if rank == 0:
+            max_diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+            va = spec["val_loader"]
+            scores = evaluate(model, va, progress=False) if va is not None else {}
+            rec = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "scores": scores,
+                   "history": {"loss": hist["loss"], "evals": hist["evals"], "seconds": hist["seconds"],
+                               "ddp": {"world": world, "backend": backend, "rank_digests": digests,
+                                       "max_abs_diff": max_diff}}}
+            atomic_torch_save(rec, spec["out"])
+            last_eval = f", val mIoU {scores['miou']:.4f}" if scores else ""
+            print(f"{desc}: {cfg.steps} steps in {hist['seconds']:.0f} s, final loss "
+                  f"{np.mean(hist['loss'][-10:]):.3f}{last_eval}", flush=True)
+            print(f"job-output: {spec['out']}", flush=True)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _ddp_main() -> None:  # pragma: no cover - exercised through torchrun in tests
     """``torchrun --nproc_per_node 2 -m study.train OUT``: train a tiny model under DDP (gloo)
     on synthetic data and write each rank's flattened weights to ``OUT/rank<r>.pt``."""
@@ -309,4 +571,7 @@ def _ddp_main() -> None:  # pragma: no cover - exercised through torchrun in tes
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _ddp_main()
+    if len(sys.argv) == 3 and sys.argv[1] == "job":
+        run_job(sys.argv[2])
+    else:
+        _ddp_main()

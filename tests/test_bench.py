@@ -358,3 +358,25 @@ def test_device_slug():
     assert bench.device_slug("") == "unknown"
     assert bench.device_slug("a b;touch x") == "a-b-touch-x"
     assert os.sep not in bench.device_slug("../../etc/passwd")
+
+
+def test_save_torch_model_round_trip(tmp_path):
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)).train()
+    p = bench.save_torch_model(m, tmp_path / "sub" / "m.pt")
+    assert p.is_file() and not list(tmp_path.rglob("*.tmp")) and m.training  # the caller's model is untouched
+    back = torch.load(p, weights_only=False)
+    assert isinstance(back, torch.nn.Sequential) and not back.training
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(back(x), m.eval()(x))
+    with pytest.raises(Exception):
+        bad = torch.nn.Conv2d(3, 3, 1)
+        bad.fn = lambda t: t  # a lambda attribute cannot be pickled
+        bench.save_torch_model(bad, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_benchmark_onnx_defaults_to_the_cpu_provider(tiny):
+    r = bench.benchmark_onnx(tiny, (16, 16), threads=1, **FAST)
+    assert r["providers"] == ["CPUExecutionProvider"]

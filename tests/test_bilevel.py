@@ -239,7 +239,7 @@ def smoke_ctx(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["bilevel", "magnitude"])
-def test_section_compress_is_smaller_near_target_and_cached(smoke_ctx, method, monkeypatch):
+def test_section_compress_is_smaller_near_target_and_cached(smoke_ctx, method, monkeypatch, tmp_path):
     ctx = smoke_ctx
     hw = sec.input_hw(ctx)
     base, _ = common.trained_model(ctx, "topformer_t")
@@ -274,11 +274,15 @@ def test_section_compress_is_smaller_near_target_and_cached(smoke_ctx, method, m
     sd, sd2 = small.state_dict(), r2["model"].state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     # its table row: the required columns first, MACs of the pruned model, target error
-    row = sec.compressed_row(ctx, "topformer_t->x", r2, experiment="test")
+    from study.sections import measure
+
+    plan = measure.LatencyPlan(ctx, sec.input_hw(ctx), tmp_path / "lat", runtimes=("torch",))
+    row = sec.compressed_row(ctx, "topformer_t->x", r2, experiment="test", plan=plan)
     assert tuple(row)[:len(BASE_COLUMNS)] == BASE_COLUMNS
     assert row["gmacs"] == pytest.approx(counted) and row["method"] == method
     assert row["macs_target_err_pct"] == pytest.approx(100 * abs(counted - target) / target)
-    assert row["finetune_steps"] == 1 and row["latency_ms_p50"] > 0
+    row = sec.add_latency([row], plan.measure())[0]  # timed by the one protocol, in a subprocess
+    assert row["finetune_steps"] == 1 and row["latency_ms_p50"] > 0 and row["threads"] >= 1
 
 
 def test_section_compress_rejects_unknown_method(smoke_ctx):

@@ -28,6 +28,11 @@ def test_profiles_and_paper_requirements():
     with pytest.raises(ProfileError, match="GPU"):
         get_profile("paper", data_root="/x", has_gpu=False)
     assert get_profile("paper", data_root="/x", has_gpu=True).student_steps == 20000
+    # issue 17: a dry run of paper needs no GPU; paper starts pretrained, --weights-dir makes any profile so
+    dry = get_profile("paper", data_root="/x", has_gpu=False, fast_dev_run=True)
+    assert dry.dry_run and dry.student_steps == 2 and (dry.image_size, dry.crop_size, dry.batch_size) == (512, 384, 16)
+    assert get_profile("paper", data_root="/x", has_gpu=True).pretrained and not get_profile("cpu").pretrained
+    assert get_profile("cpu", weights_dir="/w").pretrained
 
 
 def test_cache_memo_computes_once_and_keys_change_with_config(tmp_path):
@@ -124,6 +129,10 @@ def _run_all(*args, cwd=ROOT):
     (["--seed", "-3"], "--seed needs a non-negative integer"),
     (["--data-root", "/nonexistent/lpcvc"], "--data-root: '/nonexistent/lpcvc' is not a directory"),
     (["--frobnicate"], "unknown option '--frobnicate'"),
+    (["--weights-dir", "/nonexistent/w"], "--weights-dir: '/nonexistent/w' is not a directory"),
+    (["--nproc", "0"], "--nproc needs a positive integer"),
+    (["--nnodes", "two"], "--nnodes needs a positive integer"),
+    (["--rdzv-endpoint", "head"], "--rdzv-endpoint needs HOST:PORT"),
 ])
 def test_run_all_rejects_bad_arguments(tmp_path, args, needle):
     r = _run_all(*args, "--build-dir", str(tmp_path / "b"))
@@ -146,6 +155,19 @@ def test_runner_rejects_malformed_data_root_and_paper_without_gpu(tmp_path):
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "GPU" in r.stderr
         assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--profile", "smoke", "--nproc", "3"], "must divide the profile's batch size 4"),
+    (["--profile", "smoke", "--nnodes", "2"], "--nnodes > 1 needs --rdzv-endpoint"),
+])
+def test_runner_rejects_bad_launch_options(tmp_path, capsys, args, needle):
+    from study import report as runner
+
+    with pytest.raises(SystemExit) as e:
+        runner.main(["run", *args, "--build-dir", str(tmp_path / "b")])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_code_closure_follows_imports_transitively():

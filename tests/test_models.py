@@ -89,10 +89,39 @@ def test_train_step_and_num_classes():
     assert model.classifier.weight.grad is not None
 
 
-def test_swin_rejects_wrong_input_size():
+def _fixed_size_swin(img_size: int) -> nn.Module:
+    """The teacher as it was built before issue 17: timm's strict (fixed) input size."""
+    from study.models import TimmFeatures, UPerNet, UPerNetConfig
+    bb = TimmFeatures("swinv2_tiny_window8_256", (0, 1, 2, 3), nhwc=True, img_size=img_size)
+    cfg = UPerNetConfig("swinv2_tiny_window8_256", channels=96, backbone_kwargs={"img_size": img_size})
+    return UPerNet(bb, NUM_CLASSES, cfg, fixed_input_hw=(img_size, img_size)).eval()
+
+
+def test_swin_teacher_is_unchanged_at_its_built_size_and_takes_larger_images():
+    """Issue 17: the teacher is built for the training crop and evaluated on full images."""
     model = _build("upernet_swinv2_t").eval()
-    with pytest.raises(ValueError, match="img_size"):
-        model(torch.randn(1, 3, 2 * HW, 2 * HW))
+    ref = _fixed_size_swin(HW)
+    assert set(ref.state_dict()) == set(model.state_dict())
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, HW, HW, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))  # bit-identical: smoke / cpu numbers do not change
+        with pytest.raises(ValueError):  # the old build refused other sizes ...
+            ref(torch.randn(1, 3, 2 * HW, 2 * HW))
+        y = model(torch.randn(1, 3, 2 * HW, 2 * HW))  # ... the new one takes them
+    assert y.shape == (1, NUM_CLASSES, 2 * HW, 2 * HW) and torch.isfinite(y).all()
+
+
+def test_swin_teacher_built_for_384_crops_evaluates_512_images():
+    """The paper profile's shapes: built for 384-px crops, validated on 512-px images."""
+    torch.manual_seed(0)
+    model = create_model("upernet_swinv2_t", img_size=384).eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, 512, 512))
+    assert y.shape == (1, NUM_CLASSES, 512, 512) and torch.isfinite(y).all()
+    # stages whose map exceeds the window keep window 8 with a shift (the CPB bias is per window)
+    blocks = [b for layer in model.backbone.body.values() if hasattr(layer, "blocks") for b in layer.blocks]
+    assert blocks and all(tuple(b.window_size) == (8, 8) for b in blocks)
 
 
 @pytest.mark.parametrize("name", ["upernet_mobilevit_s", "upernet_resnet18", "upernet_swinv2_t"])

@@ -31,7 +31,7 @@ def test_all_notebooks_have_parameters_cell_and_no_outputs():
         nb = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert "parameters" in code[0].metadata.get("tags", []), stem
-        for name in ("profile", "seed", "data_root", "build_dir", "fresh", "bench_host"):
+        for name in ("profile", "seed", "data_root", "build_dir", "fresh", "bench_host", "weights_dir", "fast_dev_run"):
             assert re.search(rf"^{name} = ", code[0].source, re.M), (stem, name)
         assert not any(c.get("outputs") for c in code), f"{stem} is stored with outputs"
 
@@ -138,3 +138,26 @@ def test_failing_notebook_does_not_stop_the_others(tmp_path, monkeypatch):
     assert st["a_fails"]["status"] == "failed" and "boom in a" in st["a_fails"]["error"]
     assert st["b_works"]["status"] == "ok"
     assert rec["failed"] == ["a_fails"]
+
+
+def test_notebook_runs_top_to_bottom_without_papermill(smoke_build, tmp_path):
+    """What a reader does in JupyterLab: open a notebook, set its parameters cell, run all.
+
+    nbclient executes the stored notebook with no parameter injection; only the values of
+    the parameters cell are edited (smoke profile, the smoke build's cache), as a user would.
+    """
+    from nbclient import NotebookClient
+
+    build, _ = smoke_build
+    nb = nbformat.read(ROOT / "notebooks" / "00_baselines.ipynb", as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    for line in params.source.splitlines():  # the cell holds plain assignments only
+        assert re.fullmatch(r"\w+ = .+", line.split("#")[0].strip()), line
+    params.source = re.sub(r'^profile = .*$', 'profile = "smoke"', params.source, flags=re.M)
+    params.source = re.sub(r'^build_dir = .*$', f'build_dir = "{build}"', params.source, flags=re.M)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)

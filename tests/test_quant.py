@@ -1,12 +1,14 @@
-"""Tests of study.quant: export fidelity, INT8 size, exclusions, kernel counts, timers, TensorRT skip.
+"""Tests of study.quant: export fidelity, INT8 recipes, calibration set, exclusions, kernel counts,
+op-time categories, timers, TensorRT skip; and the section's pure helpers.
 
-A tiny conv + attention segmenter (PSP bins that do not divide the feature map, LayerNorm,
-Softmax, MatMul) stands in for the zoo so the whole file runs in seconds.
+A tiny conv + attention segmenter (PSP bins that do not divide the feature map, SiLU,
+LayerNorm, Softmax, MatMul) stands in for the zoo so the whole file runs in seconds.
 """
 from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -36,7 +38,7 @@ class TinySeg(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
                                   nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+                                  nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.SiLU())
         self.attn, self.bins = _Attn(32), bins
         self.psp = nn.ModuleList([nn.Conv2d(32, 8, 1) for _ in bins])
         self.fuse, self.cls = nn.Conv2d(32 + 8 * len(bins), 32, 3, padding=1), nn.Conv2d(32, nc, 1)
@@ -317,3 +319,278 @@ def test_section_calibration_sizes():
     assert sec.calibration_sizes(32) == [1, 4, 16, 32]
     assert sec.calibration_sizes(4) == [1, 2, 4]
     assert sec.calibration_sizes(1) == [1]
+
+
+# --------------------------------------------------------------------------- INT8 recipes (issue #15)
+
+def _agreement(a, b):
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+@pytest.fixture(scope="module")
+def recipes_built(tiny):
+    _, path, calib, val, d = tiny
+    out = {}
+    for name, r in quant.INT8_RECIPES.items():
+        out[name] = quant.quantize_recipe(path, d / f"tiny.{name}.onnx", r, calib, table_dir=d / "tables")
+    return out
+
+
+@pytest.mark.parametrize("name", list(quant.INT8_RECIPES))
+def test_every_recipe_is_a_valid_int8_model_close_to_fp32(tiny, recipes_built, name):
+    _, path, _, val, _ = tiny
+    q = recipes_built[name]
+    onnx.checker.check_model(str(q))
+    ref, got = quant.ort_predict(path, val), quant.ort_predict(q, val)
+    assert got.shape == ref.shape and got.dtype == np.float32 and np.isfinite(got).all()
+    assert quant._sqnr_db(ref, got) > 10.0          # logits within ~30 % RMS of fp32 (random tiny weights)
+    assert _agreement(ref, got) > 0.6
+    kc = quant.kernel_counts(q)
+    assert kc["int8_nodes"] + kc["qdq_nodes"] > 0     # something is integer
+    assert kc["leftover_nodes"] == kc["q_nodes"] + kc["dq_nodes"] + kc["transpose_nodes"]
+
+
+def test_recipes_cite_the_ort_docs_and_differ():
+    rs = list(quant.INT8_RECIPES.values())
+    assert len({r.name for r in rs}) == len(rs)
+    assert all(r.doc and r.graph_prep in quant.GRAPH_PREPS for r in rs)
+    assert len({(r.graph_prep, r.quant_format, r.activation_type, r.per_channel, r.op_types_to_quantize,
+                 r.float_op_types) for r in rs}) == len(rs)
+    assert quant.INT8_RECIPES["qdq_s8s8_pc"].kwargs()["activation_symmetric"] is True
+    assert quant.INT8_RECIPES["qdq_u8s8_pc"].kwargs()["activation_symmetric"] is False
+
+
+def _wrapped(graph_path, op_type):
+    """(input from DequantizeLinear, output into QuantizeLinear) for every node of op_type."""
+    g = onnx.load(str(graph_path)).graph
+    prod = {o: n.op_type for n in g.node for o in n.output}
+    cons = {}
+    for n in g.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n.op_type)
+    return [(prod.get(n.input[0]) == "DequantizeLinear", "QuantizeLinear" in cons.get(n.output[0], []))
+            for n in g.node if n.op_type == op_type]
+
+
+def test_mac_only_leaves_softmax_and_layernorm_without_qdq(recipes_built):
+    mac = recipes_built["qdq_mac_constb"]          # Conv/MatMul/Gemm, attention MatMuls float
+    for op in ("Softmax", "LayerNormalization"):
+        w = _wrapped(mac, op)
+        assert w and not any(dq or q for dq, q in w), (op, w)
+    ops = quant.kernel_counts(mac)["ops"]
+    assert ops["QLinearSoftmax"] == 0 and ops["Softmax"] >= 1 and ops["LayerNormalization"] >= 1
+    assert ops["QLinearConv"] >= 1                  # the MACs are still integer
+    # op_types_to_quantize alone: Softmax / LayerNorm get no Q/DQ on their inputs
+    for op in ("Softmax", "LayerNormalization"):
+        assert not any(dq for dq, _ in _wrapped(recipes_built["qdq_mac_only"], op))
+    # the control: quantizing all ops wraps Softmax (so the test above can fail)
+    assert any(dq and q for dq, q in _wrapped(recipes_built["qdq_u8s8_pc"], "Softmax"))
+
+
+def test_float_silu_softmax_ln_runs_them_in_float(tiny, recipes_built):
+    q = recipes_built["qdq_float_silu_softmax_ln"]
+    pre = quant.prepare_graph(tiny[1])
+    names = quant.float_nodes(pre, ["SiLU", "Softmax", "LayerNorm"])
+    g = onnx.load(str(q)).graph
+    by_name = {n.name: n.op_type for n in g.node}
+    assert names and all(by_name.get(n) in ("Sigmoid", "Mul", "Softmax", "LayerNormalization") for n in names)
+    ops = quant.kernel_counts(q)["ops"]
+    assert ops["QLinearSigmoid"] == 0 and ops["QLinearSoftmax"] == 0 and ops["QLinearConv"] >= 1
+    assert not any(dq and q for dq, q in _wrapped(q, "Softmax"))  # no DQ -> Softmax -> Q sandwich left
+    full = quant.kernel_counts(recipes_built["qdq_u8s8_pc"])["ops"]
+    assert full["QLinearSigmoid"] >= 1 and full["QLinearSoftmax"] >= 1   # the default recipe quantizes them
+
+
+def test_float_nodes_patterns(tiny):
+    pre = quant.prepare_graph(tiny[1])
+    g = onnx.load(str(pre)).graph
+    ops = {n.name: n.op_type for n in g.node}
+    silu = quant.float_nodes(pre, ["SiLU"])
+    assert sorted(ops[n] for n in silu) == ["Mul", "Sigmoid"]        # one SiLU in the tiny model
+    act = quant.float_nodes(pre, ["ActMatMul"])
+    assert len(act) == 2 and all(ops[n] == "MatMul" for n in act)   # q@k^T and attn@v, not the Linear layers
+    assert quant.float_nodes(pre, []) == []
+    assert quant.float_nodes(pre, ["Softmax"]) == sorted(n for n, o in ops.items() if o == "Softmax")
+    assert quant.float_nodes(pre, ["SiLU"]) == silu                  # deterministic
+
+
+@pytest.mark.parametrize("how", quant.GRAPH_PREPS)
+def test_prepare_graph_modes_give_equivalent_float_graphs(tiny, how):
+    _, path, _, val, _ = tiny
+    g = quant.prepare_graph(path, how)
+    assert g.is_file() and (g == path) == (how == "none")
+    np.testing.assert_allclose(quant.ort_predict(g, val), quant.ort_predict(path, val), atol=1e-4)
+    assert quant.prepare_graph(path, how) == g                       # reused
+    with pytest.raises(ValueError, match="how must be one of"):
+        quant.prepare_graph(path, "bogus")
+
+
+def test_calibration_set_is_a_checked_copy():
+    x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    c = quant.calibration_set(x, 3, input_hw=8)
+    assert c.shape == (3, 3, 8, 8) and np.array_equal(c, x[:3]) and not np.shares_memory(c, x)
+    assert np.array_equal(quant.calibration_set(x, 3), c)
+    assert quant.calibration_fingerprint(c) == quant.calibration_fingerprint(x[:3].copy())
+    assert quant.calibration_fingerprint(c) != quant.calibration_fingerprint(x[1:4])
+    with pytest.raises(ValueError, match="requested"):
+        quant.calibration_set(x, 6)
+    with pytest.raises(ValueError, match="export size"):
+        quant.calibration_set(x, 2, input_hw=16)
+    with pytest.raises(ValueError, match=">= 1"):
+        quant.calibration_set(x, 0)
+
+
+def test_section_calibration_images_identical_across_calls(tmp_path):
+    root = tmp_path / "data"
+    D.write_dataset(root, n_train=6, n_val=2, size=32, seed=0, workers=1)
+    ctx = SimpleNamespace(profile=SimpleNamespace(image_size=16, calib_images=4, n_val=2), data_root=root)
+    a, b = sec.calibration_images(ctx), sec.calibration_images(ctx)
+    assert a.shape == (4, 3, 16, 16) and a.dtype == np.float32 and np.array_equal(a, b)
+    train_x, _ = sec.split_arrays(ctx, "train")
+    assert np.array_equal(a, train_x[:4])                            # the first train images, export size
+    assert np.array_equal(sec.calibration_images(ctx, 2), a[:2])
+    ev, _ = sec.eval_arrays(ctx)
+    assert not any(np.array_equal(e, c) for e in ev for c in a)      # never the evaluation images
+    with pytest.raises(ValueError, match="requested"):
+        sec.calibration_images(ctx, 7)
+    with pytest.raises(ValueError, match="calibration images"):
+        sec.eval_arrays(ctx, "train")
+    s = sec.sensitivity_images(ctx, 2)
+    assert np.array_equal(s, train_x[4:6])                          # after the calibration set
+
+
+def test_quantize_recipe_shares_one_table_per_graph_and_images(tiny, tmp_path):
+    _, path, calib, _, _ = tiny
+    quant.quantize_recipe(path, tmp_path / "a.onnx", "qdq_u8s8_pc", calib, table_dir=tmp_path)
+    quant.quantize_recipe(path, tmp_path / "b.onnx", "qdq_u8s8_pt", calib, table_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.calib.minmax.*.json"))) == 1
+    quant.quantize_recipe(path, tmp_path / "c.onnx", "qdq_u8s8_pc", calib[:2], table_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.calib.minmax.*.json"))) == 2   # other images, other table
+    with pytest.raises(KeyError):
+        quant.quantize_recipe(path, tmp_path / "d.onnx", "nope", calib)
+
+
+def test_selection_by_accuracy_is_deterministic(tiny):
+    _, path, calib, val, d = tiny
+    groups = quant.node_groups(path, by="pattern")
+    assert "SiLU" in groups and "Sigmoid" not in groups
+    runs = [quant.node_sensitivity(path, calib, val, groups=groups, work_dir=d / f"det{i}", threads=1) for i in range(2)]
+    assert runs[0]["latency_ms"].isna().all()                          # no timing by default
+    picks = [quant.select_nodes_to_exclude(s) for s in runs]
+    assert picks[0][0] == picks[1][0]
+    assert picks[0][1]["excluded"].tolist() == picks[1][1]["excluded"].tolist()
+    with pytest.raises(ValueError, match="timing_runs"):
+        quant.select_nodes_to_exclude(runs[0], speed_tol=0.03)
+
+
+def test_op_time_categories_and_amdahl(tiny):
+    _, path, calib, _, d = tiny
+    q = quant.quantize_int8(path, d / "cat.int8.onnx", calib)
+    for p, mac in ((path, "Conv/MatMul/Gemm float"), (q, "Conv/MatMul/Gemm int8")):
+        nodes = quant.profile_ops(p, HW, runs=2, warmup=1)
+        cat = quant.op_time_categories(nodes)
+        assert list(cat["category"]) == list(quant.OP_CATEGORIES) + ["other float", "other int8"]
+        assert cat["nodes"].sum() == len(nodes) and abs(cat["share"].sum() - 1) < 1e-9
+        assert cat.set_index("category").loc[mac, "nodes"] >= 1
+    assert quant.op_category("QLinearConv") == "Conv/MatMul/Gemm int8"
+    assert quant.op_category("DequantizeLinear") == "Q/DQ"
+    assert quant.op_category("QLinearSigmoid") == "other int8" and quant.op_category("QuickGelu") == "other float"
+    assert quant.amdahl_bound(0.5, 2.0) == pytest.approx(1 / 0.75)
+    assert quant.amdahl_bound(0.0, 10.0) == 1.0
+    with pytest.raises(ValueError):
+        quant.amdahl_bound(1.5, 2.0)
+
+
+# --------------------------------------------------------------------------- section: pairing and verdicts
+
+def _lat_row(name, rounds, threads=2):
+    arr = np.asarray(rounds, float)
+    return {"name": name, "runtime": "ort", "threads": threads, "rounds": len(arr), "latency_ms_p50": float(np.median(arr)),
+            "latency_ms_p50_ci95_low": float(arr.min()), "latency_ms_p50_ci95_high": float(arr.max()),
+            "latency_ms_p90": float(arr.max()), "latency_ms_p99": float(arr.max()), "fps": 1000 / float(np.median(arr)),
+            "cv_p50": float(arr.std() / arr.mean()), "peak_rss_mb": 100.0, "load_s": 0.1, "runs": 10 * len(arr),
+            "round_p50s_ms": ";".join(f"{v:.4f}" for v in arr), "input_hw": "48x48", "batch": 1, "error": ""}
+
+
+def test_paired_speedup_pairs_rounds():
+    ref = _lat_row("fp32", [10, 20, 10, 20, 10])
+    row = _lat_row("int8", [5, 10, 5, 10, 5])        # always 2x faster in the same round
+    sp, lo, hi = sec.paired_speedup(ref, row)
+    assert sp == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    # paired by round, not a ratio of medians: ratios 0.67, 2, 2 -> 2 (the medians give 20 / 15)
+    sp2, lo2, hi2 = sec.paired_speedup(_lat_row("a", [10, 20, 30]), _lat_row("b", [15, 10, 15]))
+    assert sp2 == pytest.approx(2.0) and lo2 == pytest.approx(2 / 3) and hi2 == pytest.approx(2.0)
+    assert all(np.isnan(v) for v in sec.paired_speedup(ref, _lat_row("y", [5, 5])))
+
+
+def test_measure_variants_groups_and_verdicts(tiny, monkeypatch, tmp_path):
+    _, path, calib, val, d = tiny
+    q = quant.quantize_int8(path, d / "mv.int8.onnx", calib)
+    masks = np.random.default_rng(0).integers(0, NUM_CLASSES, (len(val), HW, HW))
+    seen = {}
+
+    def fake_compare(items, input_hw, **kw):
+        seen.update(items=list(items), **kw)
+        return pd.DataFrame([_lat_row("ORT fp32", [10, 11, 10], kw["threads"]),
+                             _lat_row("int8", [5, 5.5, 5], kw["threads"])])
+
+    monkeypatch.setattr(sec.bench, "compare_latency", fake_compare)
+    ctx = SimpleNamespace(profile=SimpleNamespace(name="smoke", image_size=HW, crop_size=HW, pretrained=False,
+                                                  bench_warmup_s=0.05, bench_min_s=0.1, bench_min_runs=5))
+    variants = {"int8": (q, "int8", "minmax", 4, "qdq_u8s8_pc"), sec.FP32: (path, "fp32", "-", 0, "")}
+    rows = sec.measure_variants(ctx, sec.MAIN, variants, val, masks, {"params_m": 0.1, "gmacs": 0.01}, n_threads=1)
+    assert seen["items"] == [sec.FP32, "int8"] and seen["threads"] == 1 and seen["errors"] == "record"
+    df, per_class = sec.results_table(rows)
+    r = df.set_index("method")
+    assert r.loc["int8", "speedup_vs_ort_fp32"] == pytest.approx(2.0)
+    assert r.loc["int8", "latency_verdict_vs_fp32"] == "faster" and r.loc[sec.FP32, "latency_verdict_vs_fp32"] == "reference"
+    assert r.loc["int8", "threads"] == 1 and r.loc["int8", "group"] == "recipes" and r.loc["int8", "eval_split"] == "val"
+    assert r.loc[sec.FP32, "d_miou_vs_fp32"] == 0.0 and per_class.shape == (2, NUM_CLASSES)
+    assert r.loc["int8", "q_nodes"] >= 1 and r.loc[sec.FP32, "q_nodes"] == 0
+    s = sec.recipe_summary(df, sec.MAIN)
+    w = sec.winner(s)
+    assert w.recipe == "qdq_u8s8_pc"
+    ok = abs(w.d_miou_points) <= 1.0
+    assert bool(s.set_index("recipe").loc["qdq_u8s8_pc", "meets_budget"]) == ok
+    with pytest.raises(KeyError):
+        sec.measure_variants(ctx, sec.MAIN, {"int8": variants["int8"]}, val, masks, {})
+
+
+def test_section_calibration_sweeps(tiny, tmp_path):
+    _, path, calib, val, _ = tiny
+    masks = np.random.default_rng(3).integers(0, NUM_CLASSES, (len(val), HW, HW))
+    size = sec.calibration_size_sweep(path, calib, val, masks, tmp_path)
+    assert list(size["calib_images"]) == sec.calibration_sizes(len(calib))
+    meth = sec.calibration_method_sweep(path, calib, val, masks, tmp_path, methods=("minmax", "percentile"))
+    assert list(meth["calibration"]) == ["minmax", "percentile"] and meth["miou"].between(0, 1).all()
+    # the MinMax row of the method sweep is the full-size row of the size sweep (same set, same table)
+    assert meth["miou"].iloc[0] == pytest.approx(size["miou"].iloc[-1])
+
+
+def _summary_df(speedups, dmious, model=sec.MAIN):
+    rows = [{"model": model, "group": "recipes", "method": sec.FP32, "recipe": "", "runtime": "ort", "miou": 0.5,
+             "latency_ms_p50": 10.0, "latency_ms_p50_ci95_low": 9.5, "latency_ms_p50_ci95_high": 10.5,
+             "speedup_vs_ort_fp32": 1.0, "speedup_ci95_low": 1.0, "speedup_ci95_high": 1.0,
+             "latency_verdict_vs_fp32": "reference", "q_nodes": 0, "dq_nodes": 0, "transpose_nodes": 4,
+             "leftover_nodes": 4, "int8_nodes": 0, "threads": 2, "rounds": 5}]
+    for i, (sp, dm) in enumerate(zip(speedups, dmious)):
+        rows.append({**rows[0], "method": f"r{i}", "recipe": f"r{i}", "miou": 0.5 + dm, "latency_ms_p50": 10 / sp,
+                     "latency_ms_p50_ci95_low": 0.95 * 10 / sp, "latency_ms_p50_ci95_high": 1.05 * 10 / sp,
+                     "speedup_vs_ort_fp32": sp, "speedup_ci95_low": sp - 0.1, "speedup_ci95_high": sp + 0.1,
+                     "latency_verdict_vs_fp32": "faster", "leftover_nodes": 50})
+    return pd.DataFrame(rows)
+
+
+def test_winner_respects_the_miou_budget_and_verdict_says_why():
+    df = _summary_df([2.0, 1.6, 1.2], [-0.02, -0.005, 0.0])          # the fastest loses 2 points
+    s = sec.recipe_summary(df, sec.MAIN)
+    assert sec.winner(s).recipe == "r1"
+    assert s.set_index("recipe")["meets_budget"].to_dict() == {"r0": False, "r1": True, "r2": False, "": False}
+    lines = sec.verdict(pd.concat([df, _summary_df([1.3], [0.0], sec.RESNET)]), sec.MAIN, sec.RESNET)
+    assert any("r1" in l and "1.60x" in l for l in lines) and any("-> met" in l for l in lines)
+    assert any(sec.RESNET in l and "NOT met" in l and "1.30x" in l and "lies below" in l for l in lines)
+    # r0 (2.0x: 4.75-5.25 ms) overlaps r1 (1.6x: 5.94-6.56 ms)? no; r2 (1.2x) neither -> no tie line
+    assert not any("not distinguishable" in l for l in lines)
+    tie = _summary_df([1.6, 1.55], [0.0, 0.0])
+    assert any("not distinguishable from r0" in l and "r1" in l for l in sec.verdict(tie, sec.MAIN, sec.MAIN))
+    assert sec.winner(sec.recipe_summary(_summary_df([2.0], [-0.05]), sec.MAIN)) is None

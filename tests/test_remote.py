@@ -318,3 +318,61 @@ def test_cli_exit_codes(sshd, tiny_model, tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         assert r.returncode == 1 and "127.0.0.1" in r.stderr and "error" in r.stderr
         assert not (tmp_path / "res").exists()
+
+
+def _static_onnx(path: Path, hw=(64, 64)) -> Path:
+    """A one-conv model exported at a FIXED 1x3xHxW input (as study.quant.export_onnx writes them)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.RandomState(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "fixed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *hw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, *hw])],
+                              initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _without_input_hw_and_threads(args: list) -> list:
+    out, skip = [], 0
+    for a in args:
+        if skip:
+            skip -= 1
+            continue
+        if a == "--input-hw":
+            skip = 2
+            continue
+        if a == "--threads":
+            skip = 1
+            continue
+        out.append(a)
+    return out
+
+
+def test_cli_remote_runs_a_fixed_64px_model_without_input_hw(sshd, tmp_path):
+    """Issue #15: "Got invalid dimensions ... Got: 512 Expected: 64" - the runner reads the static shape."""
+    from study import device_runner as dr
+
+    model = _static_onnx(tmp_path / "fixed64.onnx")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    base = _without_input_hw_and_threads(_cli_base(sshd, tmp_path / "res"))
+    assert "--input-hw" not in base and "--threads" not in base
+    r = subprocess.run(base + ["--model", str(model)], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["input_hw"] == [64, 64] and res["input_shape"] == [1, 3, 64, 64]
+    assert res["input_shape_source"] == "model"
+    # no --threads: the DEVICE decides (its physical cores), not this host's os.cpu_count()
+    assert res["threads"] == res["device"]["physical_cores"] == dr.physical_cores()
+    assert "physical cores" in res["threads_source"]
+    assert "--input-hw" not in res["provenance"]["remote_command"]
+    # a dynamic model without --input-hw: a bad-argument error that names the option; nothing stored
+    r = subprocess.run(base + ["--model", str(_tiny_onnx(tmp_path / "dyn.onnx"))], capture_output=True, text=True,
+                       env=env, cwd=REPO)
+    assert r.returncode == 2 and "--input-hw" in r.stderr and "dynamic" in r.stderr
+    assert len(list((tmp_path / "res").rglob("*.json"))) == 1

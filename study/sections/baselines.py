@@ -3,7 +3,8 @@
 Everything the later sections start from: the teacher and the students trained from
 scratch (:func:`study.sections.common.trained_model`, cached and shared), measured the way
 every compressed model is measured (params and GMACs by :func:`study.models.model_complexity`,
-PyTorch eager latency by :func:`study.bench.benchmark_torch`)::
+PyTorch eager latency by the study's protocol, :func:`study.bench.compare_latency` through
+:class:`.measure.LatencyPlan`: all models timed together, interleaved, each in a fresh process)::
 
     from study.sections import baselines as sec
     trained = {name: sec.trained_model(ctx, name) for name in sec.model_names(ctx.profile)}
@@ -19,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from .. import CLASS_NAMES, RARE_CLASSES
-from ..bench import benchmark_torch
 from ..data import LPCVCDataset, class_frequencies, load_split_arrays, val_transform
 from ..models import list_models, model_complexity
 from .common import build, table_row, train_config, trained_model
+from .measure import LatencyPlan
 
 SECTION = "baselines"
 #: The main student (source 000's UPerNet + MobileViT-S).
@@ -62,8 +63,12 @@ def table_rows(ctx, trained: Mapping[str, tuple[nn.Module, dict]]) -> list[dict]
 
     Columns after :data:`study.BASE_COLUMNS` (``params_m`` / ``gmacs`` at ``image_size``):
     ``role`` (teacher / student), ``pixel_acc``, ``gmacs_tp``, ``latency_ms_p50`` and
-    ``latency_ms_p99`` (ms, PyTorch eager on this process's device, batch 1, the profile's
-    ``bench_warmup_s`` / ``bench_min_s`` / ``bench_min_runs``), ``train_seconds`` (s),
+    ``latency_ms_p99`` (ms, PyTorch eager on this machine's CPU, batch 1), followed by the
+    protocol's columns for torch (:func:`.measure.latency_columns`: ``threads``, ``rounds``,
+    the p50's 95 % interval, CV, peak RSS of the measuring process, load time,
+    ``gmacs_per_s_torch``, ``pct_of_peak_torch``); all models are measured together by one
+    :meth:`.measure.LatencyPlan.measure` (files under ``<out_dir>/latency/baselines``),
+    ``train_seconds`` (s),
     ``train_steps``, ``iou_<class>`` for every class, ``reported_by_source000_miou`` and
     ``reported_by_source000_params_m`` (NaN unless source 000 reports the model).
 
@@ -73,16 +78,19 @@ def table_rows(ctx, trained: Mapping[str, tuple[nn.Module, dict]]) -> list[dict]
     """
     prof = ctx.profile
     hw = (prof.image_size, prof.image_size)
+    plan = LatencyPlan(ctx, hw, ctx.out_dir / "latency" / SECTION, runtimes=("torch",))
+    for name, (model, _) in trained.items():
+        plan.add(name, model)
+    meas = plan.measure()
     rows = []
-    for name, (model, s) in trained.items():
-        c = model_complexity(model, hw)
-        lat = benchmark_torch(model, hw, batch=1, warmup_s=prof.bench_warmup_s, min_s=prof.bench_min_s,
-                              min_runs=prof.bench_min_runs)
+    for name, (_, s) in trained.items():
+        lat = meas[name]
         reported = REPORTED_BY_SOURCE000.get(name, {})
         rows.append(table_row(
-            ctx, SECTION, name, "trained from scratch", s, complexity=c, input_hw=hw,
+            ctx, SECTION, name, "trained from scratch", s, complexity=lat, input_hw=hw,
             role="teacher" if name == prof.teacher else "student", pixel_acc=s["pixel_acc"],
-            gmacs_tp=c["gmacs_tp"], latency_ms_p50=lat["latency_ms_p50"], latency_ms_p99=lat["latency_ms_p99"],
+            gmacs_tp=lat["gmacs_tp"], latency_ms_p50=lat["latency_ms_p50_torch"],
+            latency_ms_p99=lat["latency_ms_p99_torch"], **lat["columns"],
             train_seconds=s["train_seconds"], train_steps=train_config(ctx, name).steps,
             **{f"iou_{k}": v for k, v in zip(CLASS_NAMES, s["per_class_iou"])},
             reported_by_source000_miou=reported.get("miou", np.nan),

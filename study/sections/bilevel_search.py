@@ -10,7 +10,12 @@ parameterization) is :mod:`study.bilevel`, which takes no context. Paths:
   and evaluation for every method. Cached.
 - :func:`plan` - the profile's search / sweep lengths and sweep values.
 - :func:`reference_row`, :func:`compressed_row` - the table rows (through
-  :func:`study.sections.common.table_row`, plus an eager-PyTorch latency).
+  :func:`study.sections.common.table_row`); each row's model is added to the notebook's
+  :class:`study.sections.measure.LatencyPlan` (``plan=``), and :func:`add_latency` fills the
+  eager-PyTorch latency columns once :meth:`~study.sections.measure.LatencyPlan.measure` has
+  timed all of them together (the study's protocol, :func:`study.bench.compare_latency`).
+  The plan is passed in, not imported: this module's import closure is the cache key of
+  :func:`compress`, and the measuring code must not invalidate the searches.
 - :func:`verdict` - searched vs. each baseline at each MACs target.
 - :data:`SOURCE002`, :data:`SOURCE002_SWEEPS` - what source 002 reports.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,7 +36,6 @@ import torch
 import torch.nn as nn
 
 from .. import bilevel
-from ..bench import benchmark_torch
 from ..models import create_model, gmacs, model_fingerprint
 from ..profiles import Profile
 from ..train import evaluate, seed_everything
@@ -201,35 +206,59 @@ def compress(ctx, base: str, method: str, target_gmacs: float, *, search_kw: dic
 
 def _row(ctx, name: str, method: str, model: nn.Module, scores: dict, *, base: str, target_gmacs: float,
          search_cpu_s: float, beta: float, lam: float, implicit: bool, experiment: str,
-         steps_search: int, finetune_steps: int) -> dict:
+         steps_search: int, finetune_steps: int, plan=None) -> dict:
     hw = input_hw(ctx)
-    prof = ctx.profile
-    lat = benchmark_torch(model, hw, batch=1, warmup_s=prof.bench_warmup_s, min_s=prof.bench_min_s,
-                          min_runs=prof.bench_min_runs)
+    tag = ""
+    if plan is not None:
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{len(plan):02d}-{name}-{method}-{experiment}")
+        plan.add(tag, model)
     row = table_row(ctx, SECTION, name, method, scores, model=model, input_hw=hw,
-                    latency_ms_p50=lat["latency_ms_p50"], base=base, target_gmacs=target_gmacs,
+                    latency_ms_p50=NAN, base=base, target_gmacs=target_gmacs,
                     search_cpu_hours=search_cpu_s / 3600, beta=beta, lam=lam, implicit=implicit,
-                    experiment=experiment, steps_search=steps_search, finetune_steps=finetune_steps)
+                    experiment=experiment, steps_search=steps_search, finetune_steps=finetune_steps, bench_tag=tag)
     row["macs_target_err_pct"] = 100 * abs(row["gmacs"] - target_gmacs) / target_gmacs  # NaN without target
     return row
 
 
+def add_latency(rows: Sequence[dict], meas: dict) -> list[dict]:
+    """The rows with their latency filled from :meth:`study.sections.measure.LatencyPlan.measure`.
+
+    ``latency_ms_p50`` becomes the protocol's eager-PyTorch p50 (ms, batch 1, median of the
+    round medians), followed by the protocol columns ``meas[tag]["columns"]`` (``threads``,
+    ``rounds``, the 95 % interval, CV, peak RSS of the measuring process, ``gmacs_per_s_torch``,
+    ``pct_of_peak_torch``, ...). Rows without a ``bench_tag`` in ``meas`` keep NaN.
+    """
+    out = []
+    for r in rows:
+        r = dict(r)
+        m = meas.get(r.get("bench_tag", ""))
+        if m is not None:
+            r["latency_ms_p50"] = m["latency_ms_p50_torch"]
+            r.update(m["columns"])
+        out.append(r)
+    return out
+
+
 def reference_row(ctx, name: str, method: str, model: nn.Module, scores: dict, *, base: str,
-                  experiment: str, target_gmacs: float = NAN) -> dict:
+                  experiment: str, target_gmacs: float = NAN, plan=None) -> dict:
     """Row of an uncompressed model (``method`` ``"dense"`` or ``"hand-designed"``).
 
     Columns: :data:`study.BASE_COLUMNS` (params and GMACs counted on ``model`` at
-    :func:`input_hw`), ``latency_ms_p50`` (ms, eager PyTorch, batch 1, this machine),
+    :func:`input_hw`), ``latency_ms_p50`` (ms, eager PyTorch, batch 1, this machine; NaN until
+    :func:`add_latency`; ``model`` is added to ``plan``, a
+    :class:`study.sections.measure.LatencyPlan`, when given),
     ``base``, ``target_gmacs`` (the MACs target it stands beside, NaN for none),
     ``search_cpu_hours`` (0), ``beta``, ``lam`` (NaN), ``implicit`` (False),
-    ``experiment``, ``steps_search``, ``finetune_steps`` (0), ``macs_target_err_pct``
-    (``100 |gmacs - target| / target``, NaN without a target).
+    ``experiment``, ``steps_search``, ``finetune_steps`` (0), ``bench_tag`` (the model's tag
+    in ``plan``, "" without), ``macs_target_err_pct`` (``100 |gmacs - target| / target``,
+    NaN without a target).
     """
     return _row(ctx, name, method, model, scores, base=base, target_gmacs=target_gmacs, search_cpu_s=0.0,
-                beta=NAN, lam=NAN, implicit=False, experiment=experiment, steps_search=0, finetune_steps=0)
+                beta=NAN, lam=NAN, implicit=False, experiment=experiment, steps_search=0, finetune_steps=0,
+                plan=plan)
 
 
-def compressed_row(ctx, name: str, result: dict, *, experiment: str) -> dict:
+def compressed_row(ctx, name: str, result: dict, *, experiment: str, plan=None) -> dict:
     """Row of a :func:`compress` result (same columns as :func:`reference_row`).
 
     ``beta``, ``lam``, ``implicit`` are the search's (NaN, NaN, False for the baselines);
@@ -244,7 +273,7 @@ def compressed_row(ctx, name: str, result: dict, *, experiment: str) -> dict:
     return _row(ctx, name, result["method"], result["model"], result["scores"], base=result["base"],
                 target_gmacs=result["target_gmacs"], search_cpu_s=result["search_cpu_s"], beta=beta, lam=lam,
                 implicit=implicit, experiment=experiment, steps_search=result["search_steps"],
-                finetune_steps=result["finetune_steps"])
+                finetune_steps=result["finetune_steps"], plan=plan)
 
 
 def verdict(table: pd.DataFrame, targets: dict) -> pd.DataFrame:
@@ -275,4 +304,4 @@ def verdict(table: pd.DataFrame, targets: dict) -> pd.DataFrame:
 
 __all__ = ["SECTION", "METHODS", "DEFAULT_SEARCH", "SOURCE002", "SOURCE002_COLUMNS", "SOURCE002_SWEEPS",
            "Plan", "plan", "input_hw", "dense_gmacs", "cpu_cores", "compress", "reference_row",
-           "compressed_row", "verdict", "source002_table"]
+           "compressed_row", "add_latency", "verdict", "source002_table"]

@@ -11,6 +11,8 @@ Notebook 03's path to the methods::
     for method, setting in sec.VARIANTS:     # e.g. ("heads", {"keep_heads": 2})
         m, info = sec.pruned_variant(ctx, student, builder, method, **setting, ...)
             -> structured_pruning.apply_method -> study.prune.prune_heads / prune_head_dim / ...
+        plan.add(tag, m)                     # study.sections.measure.LatencyPlan
+    meas = plan.measure()                    # all variants interleaved (study.bench.compare_latency)
 """
 from __future__ import annotations
 
@@ -54,7 +56,11 @@ def variant_row(ctx, method: str, amount: float, model: nn.Module, meas: dict, b
         amount: the value of the method's amount parameter (``amount`` column: heads kept,
             fraction of head dims kept or new head count, per method).
         model: the row's model (heads / head_dim / attention params are read from it).
-        meas, base_meas: :func:`.measure.measure_model` of the model and of the dense student.
+        meas, base_meas: the entries of :meth:`.measure.LatencyPlan.measure` of the model and of
+            the dense student. Latency columns: ``latency_ms_p50`` / ``latency_ms_p99`` (ORT,
+            ms), then ``meas["columns"]`` (:func:`.measure.latency_columns`: ``threads, rounds``, both runtimes with
+            intervals, CV, peak RSS of the measuring process, ``gmacs_per_s``, ``pct_of_peak``,
+            ``verdict_vs_dense_<rt>``); ``speedup`` = dense ORT p50 / ORT p50.
         info: :func:`pruned_variant`'s info; None for the dense row (scores ``base_scores``).
     """
     hc = prune.head_config(model)
@@ -67,11 +73,11 @@ def variant_row(ctx, method: str, amount: float, model: nn.Module, meas: dict, b
         head_dim="/".join(str(d) for d in sorted({d for _, d in hc.values()})),
         attn_params_m=attn_params(model),
         latency_ms_p50=meas["latency_ms_p50_ort"], latency_ms_p99=meas["latency_ms_p99_ort"],
-        latency_ms_p50_torch=meas["latency_ms_p50_torch"],
+        **meas["columns"],
         miou_before_ft=base_scores["miou"] if dense else info["miou_before_ft"],
         ft_steps=0 if dense else info["ft_steps"],
         speedup=base_meas["latency_ms_p50_ort"] / meas["latency_ms_p50_ort"],
-        ort_error=meas["ort_error"])
+        ort_error=meas["ort_error"], torch_error=meas["torch_error"])
 
 
 def section_table(rows: list) -> pd.DataFrame:

@@ -1,70 +1,272 @@
-"""Measure a model the way the pruning sections report it: size, MACs, batch-1 latency.
+"""Measure the models of one table the study's way: size, MACs, and latency by THE protocol.
 
-Shared by the structured-pruning and head-pruning notebooks (02, 03): one call gives the
-``params_m``, ``gmacs`` and latency columns of a row, with the profile's benchmark
-settings. The counting and timing themselves are :func:`study.models.model_complexity`,
-:func:`study.bench.benchmark_torch` and :func:`study.bench.benchmark_onnx`.
+Shared by the sections whose tables have latency columns (00 baselines, 02 structured
+pruning, 03 head pruning, 06 bi-level search; other sections may use it too). A table's
+models are collected first and measured together at the end, so that they are timed
+interleaved in rounds, each in a fresh process (:func:`study.bench.compare_latency`)::
+
+    plan = LatencyPlan(ctx, (96, 96), out_dir)           # runtimes ("ort", "torch")
+    plan.add("dense", student)                           # exports ONNX, saves the torch file,
+    plan.add("pruned-0.45", pruned, base="dense")        # counts params / MACs now
+    meas = plan.measure()                                # ONE compare_latency call per runtime
+    meas["pruned-0.45"]["latency_ms_p50_ort"], meas["pruned-0.45"]["threads"]
+    row.update(meas["pruned-0.45"]["columns"])           # the table's latency columns, verdict vs "dense"
+
+Section modules whose cached results must not depend on this module's code (their cache
+keys cover their import closure) take ``meas[tag]["columns"]`` from the notebook instead
+of importing it.
+
+Counting is :func:`study.models.model_complexity`; ONNX export :func:`study.quant.export_onnx`;
+torch files :func:`study.bench.save_torch_model`; the protocol settings of a profile
+:func:`protocol`.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch.nn as nn
 
-from ..bench import benchmark_onnx, benchmark_torch
+from .. import bench
 from ..models import model_complexity
 from ..quant import export_onnx
 
-#: CPU threads of every latency measurement in the pruning sections.
-THREADS = 2
+RUNTIMES = ("ort", "torch")
+NAN = float("nan")
+#: :func:`study.bench.compare_latency` column -> the per-runtime column of a measurement (``{rt}``).
+COLUMNS = {"latency_ms_p50": "latency_ms_p50_{rt}", "latency_ms_p50_ci95_low": "latency_ms_p50_{rt}_ci95_low",
+           "latency_ms_p50_ci95_high": "latency_ms_p50_{rt}_ci95_high", "latency_ms_p90": "latency_ms_p90_{rt}",
+           "latency_ms_p99": "latency_ms_p99_{rt}", "fps": "fps_{rt}", "cv_p50": "cv_p50_{rt}",
+           "peak_rss_mb": "peak_rss_mb_{rt}", "load_s": "load_s_{rt}", "gmacs_per_s": "gmacs_per_s_{rt}",
+           "pct_of_peak": "pct_of_peak_{rt}"}
+
+
+def protocol(ctx) -> dict:
+    """The protocol settings of the context's profile (keyword arguments of :func:`study.bench.compare_latency`).
+
+    ``threads``: :func:`study.bench.default_threads` (physical cores: one policy for the whole
+    study); ``rounds``: 5 (3 in ``smoke``); per round ``warmup_s`` = half the profile's
+    ``bench_warmup_s``, ``min_s`` = a third of ``bench_min_s`` (so each model gets
+    ``rounds * min_s`` ~ 5 s of timed runs in ``cpu``), ``min_runs`` = ``bench_min_runs // 5``
+    (at least 3), ``warmup_runs`` = 3.
+    """
+    p = ctx.profile
+    return {"threads": bench.default_threads(), "rounds": 3 if p.name == "smoke" else 5,
+            "warmup_s": p.bench_warmup_s / 2, "min_s": p.bench_min_s / 3,
+            "min_runs": max(3, p.bench_min_runs // 5), "warmup_runs": 3}
+
+
+class LatencyPlan:
+    """The models of one table, exported when added and measured together by :meth:`measure`.
+
+    Args:
+        ctx: the notebook's context (protocol settings: :func:`protocol`).
+        input_hw: ``(H, W)`` px of every model (ONNX files are exported at it, static shape).
+        out_dir: folder of the files: ``<tag>.onnx`` (ORT) and ``<tag>.pt`` (torch).
+        runtimes: which of ``"ort"`` and ``"torch"`` to time.
+    """
+
+    def __init__(self, ctx, input_hw: Sequence[int], out_dir: str | Path, runtimes: Iterable[str] = RUNTIMES):
+        self.ctx = ctx
+        self.hw = tuple(int(v) for v in input_hw)
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.runtimes = tuple(runtimes)
+        unknown = set(self.runtimes) - set(RUNTIMES)
+        if unknown or not self.runtimes:
+            raise ValueError(f"LatencyPlan: runtimes must be a non-empty subset of {RUNTIMES}, got {self.runtimes}")
+        self.entries: dict = {}
+        self.tables: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, tag) -> bool:
+        return tag in self.entries
+
+    def add(self, tag: str, model: nn.Module, base: str | None = None) -> dict:
+        """Count ``model``'s params / MACs and write its files now; the timing waits for :meth:`measure`.
+
+        Args:
+            tag: unique name (also the file stem).
+            model: float32 ``(1, 3, H, W) -> logits`` model; not modified (it may be freed
+                afterwards: the files are what gets timed).
+            base: tag (added before) of the model this one is compared with (the dense
+                model): its ``columns`` get ``verdict_vs_dense_<rt>``.
+
+        Returns:
+            dict ``params_m, gmacs, gmacs_tp`` (:func:`study.models.model_complexity`) and
+            ``ort_error`` / ``torch_error`` ("" when the file was written, else why not: an
+            export failure is reported in the table, not raised).
+
+        Raises:
+            ValueError: ``tag`` already added, or ``base`` not added.
+        """
+        if tag in self.entries:
+            raise ValueError(f"LatencyPlan.add: tag {tag!r} added twice")
+        if base is not None and base not in self.entries:
+            raise ValueError(f"LatencyPlan.add: base {base!r} of {tag!r} has not been added")
+        c = model_complexity(model, self.hw)
+        e = {"params_m": c["params_m"], "gmacs": c["gmacs"], "gmacs_tp": c["gmacs_tp"], "files": {},
+             "ort_error": "", "torch_error": "", "base": base}
+        for rt in self.runtimes:
+            try:
+                if rt == "ort":
+                    e["files"][rt] = export_onnx(model, self.out_dir / f"{tag}.onnx", self.hw)
+                else:
+                    e["files"][rt] = bench.save_torch_model(model, self.out_dir / f"{tag}.pt")
+            except Exception as exc:  # noqa: BLE001 - reported in the table's <runtime>_error column
+                e[f"{rt}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        self.entries[tag] = e
+        return {k: v for k, v in e.items() if k not in ("files", "base")}
+
+    def file(self, tag: str, runtime: str = "ort") -> Path | None:
+        """The file written for ``tag`` and ``runtime`` (None when it could not be written)."""
+        return self.entries[tag]["files"].get(runtime)
+
+    def measure(self, bench_latency: bool = True, verbose: bool = False) -> dict:
+        """Time every added model: ONE :func:`study.bench.compare_latency` call per runtime.
+
+        Args:
+            bench_latency: False skips the timing (latency columns NaN, ``rounds`` 0).
+            verbose: print one line per round.
+
+        Returns:
+            ``{tag: meas}`` with ``params_m, gmacs, gmacs_tp``, ``threads``, ``rounds`` and per
+            runtime ``rt`` in ``("ort", "torch")``: ``latency_ms_p50_<rt>``,
+            ``latency_ms_p50_<rt>_ci95_low/high``, ``latency_ms_p90_<rt>``,
+            ``latency_ms_p99_<rt>`` (ms), ``fps_<rt>``, ``cv_p50_<rt>``, ``peak_rss_mb_<rt>``
+            (MB, the measuring process alone), ``load_s_<rt>`` (s), ``gmacs_per_s_<rt>``,
+            ``pct_of_peak_<rt>`` (% of :func:`study.bench.gemm_peak_gmacs_per_s`) and
+            ``<rt>_error`` (""). A runtime not in the plan gives NaN columns. ``columns``:
+            the ordered latency columns of a table row (:func:`latency_columns` of the plan's
+            runtimes, with ``verdict_vs_dense_<rt>`` against the ``base`` given to
+            :meth:`add`, ``"reference"`` for a model without base, when any model has a base). The protocol tables are
+            kept in ``self.tables[rt]`` (their ``attrs["protocol"]`` holds the settings and
+            the orders run).
+        """
+        settings = protocol(self.ctx)
+        out = {}
+        for tag, e in self.entries.items():
+            m = {"params_m": e["params_m"], "gmacs": e["gmacs"], "gmacs_tp": e["gmacs_tp"],
+                 "threads": settings["threads"], "rounds": settings["rounds"] if bench_latency else 0}
+            for rt in RUNTIMES:
+                m.update({c.format(rt=rt): NAN for c in COLUMNS.values()})
+                m[f"{rt}_error"] = e[f"{rt}_error"] or ("" if rt in self.runtimes else "not measured")
+            out[tag] = m
+        if bench_latency:
+            self._time(out, settings, verbose)
+        compared = any(e["base"] is not None for e in self.entries.values())
+        for tag, m in out.items():
+            base = self.entries[tag]["base"]
+            m["columns"] = latency_columns(m, out[base] if base is not None else None, self.runtimes,
+                                           verdict=compared)
+        return out
+
+    def _time(self, out: dict, settings: dict, verbose: bool) -> None:
+        for rt in self.runtimes:
+            items = {t: e["files"][rt] for t, e in self.entries.items() if rt in e["files"]}
+            if not items:
+                continue
+            df = bench.compare_latency(items, self.hw, runtime=rt, gmacs={t: self.entries[t]["gmacs"] for t in items},
+                                       errors="record", verbose=verbose, **settings)
+            self.tables[rt] = df
+            for r in df.to_dict("records"):
+                m = out[r["name"]]
+                m.update({c.format(rt=rt): r[k] for k, c in COLUMNS.items()})
+                m.update(threads=int(r["threads"]), rounds=int(r["rounds"]))
+                if r["error"]:
+                    m[f"{rt}_error"] = r["error"]
+        return out
+
+
+def interval(meas: dict, runtime: str) -> dict:
+    """``meas``'s 95 % interval of ``runtime`` in the keys :func:`study.bench.latency_verdict` reads."""
+    return {"latency_ms_p50_ci95_low": meas[f"latency_ms_p50_{runtime}_ci95_low"],
+            "latency_ms_p50_ci95_high": meas[f"latency_ms_p50_{runtime}_ci95_high"]}
+
+
+def verdict_vs(meas: dict, base_meas: dict, runtime: str = "ort") -> str:
+    """:func:`study.bench.latency_verdict` of ``meas`` against ``base_meas`` ("faster" = ``meas`` is faster)."""
+    return bench.latency_verdict(interval(meas, runtime), interval(base_meas, runtime))
+
+
+def latency_columns(meas: dict, base_meas: dict | None = None, runtimes: Iterable[str] = RUNTIMES,
+                    verdict: bool = True) -> dict:
+    """The latency columns of a table row from a :meth:`LatencyPlan.measure` entry.
+
+    ``threads``, ``rounds``, then per runtime ``rt``: ``latency_ms_p50_<rt>`` with its
+    ``_ci95_low/_high``, ``latency_ms_p90_<rt>``, ``latency_ms_p99_<rt>``, ``fps_<rt>``,
+    ``cv_p50_<rt>``, ``peak_rss_mb_<rt>``, ``load_s_<rt>``, ``gmacs_per_s_<rt>``,
+    ``pct_of_peak_<rt>`` and, when ``verdict``, ``verdict_vs_dense_<rt>`` (:func:`verdict_vs`
+    against ``base_meas``; ``"reference"`` without one).
+    """
+    row = {"threads": meas["threads"], "rounds": meas["rounds"]}
+    for rt in runtimes:
+        row.update({c.format(rt=rt): meas[c.format(rt=rt)] for c in COLUMNS.values()})
+        if verdict:
+            row[f"verdict_vs_dense_{rt}"] = verdict_vs(meas, base_meas, rt) if base_meas is not None else "reference"
+    return row
+
+
+def monotonic_in_macs(table, runtime: str = "ort", gmacs_col: str = "gmacs") -> dict:
+    """Does latency fall with MACs across ``table``'s rows (e.g. the physically pruned models)?
+
+    Rows are sorted by ``gmacs``; every pair (i, j) with fewer MACs in j is checked with
+    :func:`study.bench.latency_verdict`: a pair where the model with fewer MACs is
+    detectably SLOWER is a violation; a pair whose point estimates are inverted but whose
+    intervals overlap is only a "noise inversion".
+
+    Args:
+        table: DataFrame with ``gmacs_col`` and ``latency_ms_p50_<runtime>`` plus its
+            ``_ci95_low/_high`` columns.
+
+    Returns:
+        dict ``n`` (rows), ``pairs``, ``violations`` (list of ``(more-MACs row index,
+        fewer-MACs row index)``), ``noise_inversions`` (count), ``spearman`` (rank
+        correlation of MACs and p50; 1 = perfectly monotonic), ``monotonic`` (no
+        violation).
+    """
+    import numpy as np
+
+    col = f"latency_ms_p50_{runtime}"
+    t = table[[gmacs_col, col, f"{col}_ci95_low", f"{col}_ci95_high"]].dropna(subset=[col])
+    t = t.sort_values(gmacs_col, ascending=False)
+    idx = list(t.index)
+    violations, noise, pairs = [], 0, 0
+    for a in range(len(idx)):
+        for b in range(a + 1, len(idx)):
+            big, small = t.loc[idx[a]], t.loc[idx[b]]
+            if not small[gmacs_col] < big[gmacs_col]:
+                continue
+            pairs += 1
+            v = bench.latency_verdict(interval(small, runtime), interval(big, runtime))
+            if v == "slower":
+                violations.append((idx[a], idx[b]))
+            elif small[col] > big[col]:
+                noise += 1
+    rho = float("nan")
+    if len(t) >= 3:
+        rx, ry = t[gmacs_col].rank().to_numpy(), t[col].rank().to_numpy()
+        rho = float(np.corrcoef(rx, ry)[0, 1])
+    return {"n": len(t), "pairs": pairs, "violations": violations, "noise_inversions": noise,
+            "spearman": rho, "monotonic": not violations}
 
 
 def measure_model(ctx, model: nn.Module, input_hw: Sequence[int], onnx_path: str | Path | None = None,
                   bench: bool = True) -> dict:
-    """Params (M), GMACs (two counters), torch and ORT batch-1 latency (ms) of ``model``.
+    """Params, MACs and protocol latency of ONE model (a one-item :class:`LatencyPlan`).
 
-    Uses :func:`study.models.model_complexity` (``gmacs``: the study's aten counter;
-    ``gmacs_tp``: torch-pruning's cross-check), :func:`study.bench.benchmark_torch` and,
-    when ``onnx_path`` is given, :func:`study.quant.export_onnx` +
-    :func:`study.bench.benchmark_onnx` (CPU provider), all at batch 1 with
-    :data:`THREADS` threads and the profile's ``bench_warmup_s`` / ``bench_min_s`` /
-    ``bench_min_runs``. An export / ORT failure gives NaN ORT columns and the error text
-    in ``ort_error`` (reported in the table, not raised).
-
-    Args:
-        ctx: the notebook's context (benchmark settings).
-        model: float32 model ``(1, 3, H, W) -> logits``; not modified.
-        input_hw: ``(H, W)`` px.
-        onnx_path: where to export the ONNX model for the ORT timing (None: no ORT).
-        bench: False skips all timing (latency columns NaN).
-
-    Returns:
-        dict with ``params_m, gmacs, gmacs_tp, latency_ms_p50_torch, latency_ms_p99_torch,
-        latency_ms_p50_ort, latency_ms_p99_ort, peak_rss_mb_ort`` (floats; ms, MB) and
-        ``ort_error`` (str, "" when fine).
+    For a table of several models use a :class:`LatencyPlan` (interleaved rounds). ORT is
+    timed when ``onnx_path`` is given (the ONNX file is written there, the torch file next
+    to it), torch always. Returns the :meth:`LatencyPlan.measure` dict of the model.
     """
-    hw = tuple(int(v) for v in input_hw)
-    c = model_complexity(model, hw)
-    nan = float("nan")
-    out = {"params_m": c["params_m"], "gmacs": c["gmacs"], "gmacs_tp": c["gmacs_tp"],
-           "latency_ms_p50_torch": nan, "latency_ms_p99_torch": nan,
-           "latency_ms_p50_ort": nan, "latency_ms_p99_ort": nan, "peak_rss_mb_ort": nan, "ort_error": ""}
-    if not bench:
-        return out
-    p = ctx.profile
-    kw = dict(warmup_s=p.bench_warmup_s, min_s=p.bench_min_s, min_runs=p.bench_min_runs)
-    r = benchmark_torch(model, hw, batch=1, threads=THREADS, **kw)
-    out.update(latency_ms_p50_torch=r["latency_ms_p50"], latency_ms_p99_torch=r["latency_ms_p99"])
-    if onnx_path is not None:
-        try:
-            path = export_onnx(model, onnx_path, hw)
-            r = benchmark_onnx(path, hw, batch=1, threads=THREADS, providers=["CPUExecutionProvider"], **kw)
-            out.update(latency_ms_p50_ort=r["latency_ms_p50"], latency_ms_p99_ort=r["latency_ms_p99"],
-                       peak_rss_mb_ort=r.get("peak_rss_mb", nan))
-        except Exception as exc:  # noqa: BLE001 - reported in the table's ort_error column
-            out["ort_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    return out
+    out_dir = Path(onnx_path).parent if onnx_path is not None else ctx.out_dir / "latency"
+    tag = Path(onnx_path).stem if onnx_path is not None else "model"
+    plan = LatencyPlan(ctx, input_hw, out_dir, runtimes=RUNTIMES if onnx_path is not None else ("torch",))
+    plan.add(tag, model)
+    return plan.measure(bench_latency=bench)[tag]
 
 
-__all__ = ["measure_model", "THREADS"]
+__all__ = ["LatencyPlan", "protocol", "measure_model", "latency_columns", "verdict_vs", "interval", "RUNTIMES",
+           "COLUMNS", "monotonic_in_macs"]

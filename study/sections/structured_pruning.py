@@ -10,8 +10,9 @@ Notebook 02's path to the methods::
     from study.sections import structured_pruning as sec
     m, info = sec.pruned_variant(ctx, student, builder, "structured_magnitude", sparsity=0.45, ...)
         -> sec.apply_method -> study.prune.prune_structured
-    meas = measure.measure_model(ctx, m, hw, onnx_path)   # study.sections.measure (kept out of the
-                                                          # cache key of the variants)
+    plan = measure.LatencyPlan(ctx, hw, onnx_dir)        # study.sections.measure (kept out of the
+    plan.add(tag, m, base=base_tag)                       # cache key of the variants: not imported here)
+    meas = plan.measure()    # every model of the table, interleaved: study.bench.compare_latency
 """
 from __future__ import annotations
 
@@ -221,11 +222,20 @@ def variant_row(ctx, model_name: str, method: str, sparsity: float, meas: dict, 
                 zero_fraction: float = float("nan")) -> dict:
     """One row of the section table.
 
+    Columns after :data:`study.BASE_COLUMNS`: ``base, sparsity, kind, gmacs_tp``, the
+    protocol's latency columns (``meas["columns"]``, :func:`.measure.latency_columns`: ``threads, rounds``, p50
+    with its 95 % interval, p90 / p99, FPS, CV, the measuring process's peak RSS, load time,
+    ``gmacs_per_s`` and ``pct_of_peak`` per runtime, ``verdict_vs_dense_<rt>``), then
+    ``miou_before_ft, ft_steps, speedup`` (ORT p50 ratio dense / model), ``speedup_torch``,
+    ``macs_reduction``, ``latency_reduction`` (ORT), ``latency_reduction_torch``,
+    ``zero_fraction``, ``ort_error``, ``torch_error``.
+
     Args:
         model_name: ``model`` column; method / sparsity: what was done (``"dense"``, 0.0 for
             the unpruned model).
-        meas: :func:`.measure.measure_model` of the row's model; ``base_meas`` of the dense model
-            (speedups and reductions are relative to it).
+        meas: the row model's entry of :meth:`.measure.LatencyPlan.measure` (its ``columns``
+            go into the row); ``base_meas`` the dense model's (speedups and reductions are
+            relative to it; ``verdict_vs_dense_<rt>`` comes from the plan's ``base``).
         info: :func:`pruned_variant`'s info; None for the dense row, whose scores are
             ``base_scores``.
         zero_fraction: :func:`study.prune.zero_fraction` of the model (NaN: not reported).
@@ -235,10 +245,7 @@ def variant_row(ctx, model_name: str, method: str, sparsity: float, meas: dict, 
     return table_row(
         ctx, SECTION, model_name, method, scores, complexity=meas, input_hw=input_hw,
         base=base_tag, sparsity=sparsity, kind=METHOD_KIND.get(method, "dense baseline"),
-        gmacs_tp=meas["gmacs_tp"],
-        latency_ms_p50_torch=meas["latency_ms_p50_torch"], latency_ms_p99_torch=meas["latency_ms_p99_torch"],
-        latency_ms_p50_ort=meas["latency_ms_p50_ort"], latency_ms_p99_ort=meas["latency_ms_p99_ort"],
-        peak_rss_mb_ort=meas["peak_rss_mb_ort"],
+        gmacs_tp=meas["gmacs_tp"], **meas["columns"],
         miou_before_ft=base_scores["miou"] if dense else info["miou_before_ft"],
         ft_steps=0 if dense else info["ft_steps"],
         speedup=base_meas["latency_ms_p50_ort"] / meas["latency_ms_p50_ort"],
@@ -246,7 +253,7 @@ def variant_row(ctx, model_name: str, method: str, sparsity: float, meas: dict, 
         macs_reduction=1 - meas["gmacs"] / base_meas["gmacs"],
         latency_reduction=1 - meas["latency_ms_p50_ort"] / base_meas["latency_ms_p50_ort"],
         latency_reduction_torch=1 - meas["latency_ms_p50_torch"] / base_meas["latency_ms_p50_torch"],
-        zero_fraction=zero_fraction, ort_error=meas["ort_error"])
+        zero_fraction=zero_fraction, ort_error=meas["ort_error"], torch_error=meas["torch_error"])
 
 
 #: Numbers reported by source 001 (a detector on a Jetson Orin Nano, FP16), put next to the
