@@ -169,7 +169,7 @@ def pretrained_weights_file(name: str, weights_dir: str | os.PathLike) -> Path:
         if (root / ck / fname).is_file():
             return root / ck / fname
     raise WeightsError(f"{name}: expected {root / ck / WEIGHT_FILES[0]} (or {WEIGHT_FILES[1]}); fetch it with "
-                       f"`huggingface-cli download timm/{ck} --local-dir {root / ck}`")
+                       f"`hf download timm/{ck} --local-dir {root / ck}` (older huggingface_hub: `huggingface-cli download`)")
 
 
 def check_pretrained(names, weights_dir: str | os.PathLike | None) -> dict:

@@ -230,6 +230,7 @@ _CODE = re.compile(r"(```.*?```|~~~.*?~~~|`[^`\n]*`)", re.S)
 _DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
 _INLINE = re.compile(r"(?<![\\$\w])\$(?=\S)((?:[^$\n]|\n(?!\s*\n))+?)(?<=\S)\$(?![\w$])")
 _REMOTE_SCRIPT = re.compile(r"<script[^>]*\ssrc=[\"']https?://[^>]*>\s*</script>", re.I)
+_REMOTE_MODULE = re.compile(r"<script type=\"module\">(?:(?!</script>).)*?https?://(?:(?!</script>).)*</script>", re.S)
 _MATHJAX_CONFIG = re.compile(r"<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S)
 
 
@@ -336,6 +337,7 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
     # offline: math is pre-rendered MathML, so no MathJax / require.js from a CDN
     body = _MATHJAX_CONFIG.sub("", body)
     body = _REMOTE_SCRIPT.sub("", body)
+    body = _REMOTE_MODULE.sub("", body)  # the template's mermaid loader (no diagrams here)
     body = body.replace("</head>", _CSS + "</head>", 1)
     for stem in NOTEBOOKS:  # nbconvert's sanitizer drops ids written in markdown: add them here
         body = body.replace(f"{_ANCHOR}{stem}", f'<span id="{stem}"></span>')

@@ -16,7 +16,8 @@ from study import BASE_COLUMNS, NOTEBOOKS
 from study import report as runner
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMING = re.compile(r"latency|seconds|_s$|fps|rss|ram_|swap|power|cpu_hours|speedup|load_s|_ms")
+TIMING = re.compile(r"latency|seconds|_s$|_s_|fps|rss|ram_|swap|power|cpu_hours|speedup|load_s|_ms|cv_|ci95|"
+                    r"gmacs_per_s|pct_of_peak|verdict")
 
 
 @pytest.fixture(scope="session")

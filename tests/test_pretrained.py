@@ -49,7 +49,7 @@ def test_missing_file_names_the_path_and_the_download_command(tmp_path):
         models.create_model("upernet_swinv2_t", pretrained=True, weights_dir=tmp_path, img_size=64)
     msg = str(e.value)
     assert str(tmp_path / "swinv2_tiny_window8_256.ms_in1k" / "model.safetensors") in msg
-    assert "huggingface-cli download timm/swinv2_tiny_window8_256.ms_in1k" in msg
+    assert "hf download timm/swinv2_tiny_window8_256.ms_in1k" in msg
     with pytest.raises(models.WeightsError, match="topformer-T-224-66.2.pth"):
         models.check_pretrained(["upernet_resnet18", "topformer_t"], tmp_path)
 
