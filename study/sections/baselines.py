@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import CLASS_NAMES, RARE_CLASSES
 from ..data import LPCVCDataset, class_frequencies, load_split_arrays, val_transform
 from ..models import list_models, model_complexity
-from .common import build, table_row, train_config, trained_model
+from .common import build, start_label, table_row, train_config, trained_model
 from .measure import LatencyPlan
 
 SECTION = "baselines"
@@ -87,7 +87,7 @@ def table_rows(ctx, trained: Mapping[str, tuple[nn.Module, dict]]) -> list[dict]
         lat = meas[name]
         reported = REPORTED_BY_SOURCE000.get(name, {})
         rows.append(table_row(
-            ctx, SECTION, name, "trained from scratch", s, complexity=lat, input_hw=hw,
+            ctx, SECTION, name, _trained_label(name, prof), s, complexity=lat, input_hw=hw,
             role="teacher" if name == prof.teacher else "student", pixel_acc=s["pixel_acc"],
             gmacs_tp=lat["gmacs_tp"], latency_ms_p50=lat["latency_ms_p50_torch"],
             latency_ms_p99=lat["latency_ms_p99_torch"], **lat["columns"],
@@ -141,10 +141,17 @@ def verdict(ctx, table: pd.DataFrame) -> str:
         f"- Rare classes for the student: {rare} IoU.",
         f"- Source 000 reports mIoU {reported['miou']} for its MobileViT student on real LPCVC with ImageNet-pretrained "
         f"weights; our {student['miou']:.4f} is on "
-        f"{'the embedded generated data' if ctx.generated_data else 'the given data'}, from scratch, "
+        f"{'the embedded generated data' if ctx.generated_data else 'the given data'}, "
+        f"{start_label(MAIN_STUDENT, prof)}, "
         f"at {prof.image_size}px: the numbers are not comparable, only the protocol is.",
     ])
 
 
 __all__ = ["SECTION", "MAIN_STUDENT", "REPORTED_BY_SOURCE000", "model_names", "class_frequency", "zoo_rows",
            "table_rows", "per_class_iou", "predictions", "verdict", "trained_model"]
+
+
+def _trained_label(name: str, profile) -> str:
+    """``"trained from scratch"`` or ``"trained from an ImageNet encoder (<checkpoint>)"``."""
+    label = start_label(name, profile)
+    return "trained from scratch" if label == "from scratch" else f"trained from an {label}"
