@@ -24,6 +24,11 @@
 #                              (gloo on CPU, NCCL on GPU; N must divide the batch size) (default: 1)
 #   --nnodes N                 nodes of those jobs (default: 1); needs --rdzv-endpoint
 #   --rdzv-endpoint HOST:PORT  torchrun rendezvous endpoint of a multi-node job
+#   --full-grid                also run the exhaustive sweeps (every KD temperature x weight and
+#                              method, every importance x schedule...); rows merged into the tables
+#   --retime                   re-measure latencies even when the same models were measured before
+#   --cache-dir DIR            read trained models / measurements from another build's cache too
+#                              (used as is, never written; new entries go to BUILD_DIR/cache)
 #   --gpu                      set-up switch: also install the GPU extra (onnxruntime-gpu, TensorRT)
 #   -h, --help                 print this help
 #
@@ -67,13 +72,16 @@ if [[ $mode == run ]]; then
       --weights-dir) [[ $# -ge 2 ]] || die "--weights-dir needs a directory"
                      [[ -d "$2" ]] || die "--weights-dir: '$2' is not a directory"
                      args+=("$1" "$2"); shift 2 ;;
-      --fast-dev-run) args+=("$1"); shift ;;
+      --fast-dev-run|--full-grid|--retime) args+=("$1"); shift ;;
+      --cache-dir) [[ $# -ge 2 ]] || die "--cache-dir needs a directory"
+                   [[ -d "$2" ]] || die "--cache-dir: '$2' is not a directory"
+                   args+=("$1" "$2"); shift 2 ;;
       --nproc|--nnodes) [[ $# -ge 2 ]] && posint "$2" || die "$1 needs a positive integer, got '${2:-}'"
                         args+=("$1" "$2"); shift 2 ;;
       --rdzv-endpoint) [[ $# -ge 2 && "$2" =~ ^[^:]+:[0-9]+$ ]] || die "--rdzv-endpoint needs HOST:PORT, got '${2:-}'"
                        args+=("$1" "$2"); shift 2 ;;
       --gpu) gpu=1; shift ;;
-      -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+      -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
       *) die "unknown option '$1'" ;;
     esac
   done

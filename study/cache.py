@@ -156,14 +156,22 @@ class ArtifactCache:
                            modules=["study.sections.common"])
 
     Args:
-        root: folder of the entries.
+        root: folder of the entries (new entries are always written here).
         fresh: if True, existing entries are ignored (and overwritten) - ``--fresh``.
+        extra_roots: other caches to read from when ``root`` lacks an entry
+            (``--cache-dir DIR``: a course instructor's, already trained). They are used as
+            they are - never written, never renamed, even when read-only.
     """
 
-    def __init__(self, root: str | os.PathLike, fresh: bool = False):
+    def __init__(self, root: str | os.PathLike, fresh: bool = False, extra_roots: Iterable = ()):
         self.root = Path(root)
         self.fresh = fresh
         self.root.mkdir(parents=True, exist_ok=True)
+        self.extra_roots = [Path(r) for r in extra_roots if r]
+        for r in self.extra_roots:
+            if not r.is_dir():
+                raise FileNotFoundError(f"--cache-dir {r}: no such folder (a cache from another build, "
+                                        "e.g. build/cache)")
         self._refreshed: set[str] = set()
 
     def path(self, name: str, key: str) -> Path:
@@ -179,7 +187,18 @@ class ArtifactCache:
         ``*.corrupt`` so nothing is lost and the entry is recomputed.
         """
         p = self.path(name, key)
-        if not p.exists() or (self.fresh and str(p) not in self._refreshed):
+        if self.fresh and str(p) not in self._refreshed:
+            return None
+        if not p.exists():
+            for r in self.extra_roots:  # read-only caches: load as is, never move
+                q = r / p.name
+                if q.exists():
+                    import torch
+
+                    try:
+                        return torch.load(q, map_location="cpu", weights_only=True)
+                    except Exception as exc:  # noqa: BLE001 - reported, then recomputed locally
+                        print(f"cache: entry {q} (--cache-dir) could not be read ({exc!r}); recomputing")
             return None
         import torch
 

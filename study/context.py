@@ -36,6 +36,8 @@ from .train import seed_everything  # noqa: F401 - re-exported for notebooks
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Environment variables of the multi-process launch (set by ``study.report run``).
 NPROC_ENV, NNODES_ENV, RDZV_ENV = "SEGCOMPRESS_NPROC", "SEGCOMPRESS_NNODES", "SEGCOMPRESS_RDZV_ENDPOINT"
+#: Run options passed to the kernels by the runner (``--full-grid``, ``--retime``, ``--cache-dir``).
+FULL_GRID_ENV, RETIME_ENV, CACHE_DIR_ENV = "SEGCOMPRESS_FULL_GRID", "SEGCOMPRESS_RETIME", "SEGCOMPRESS_CACHE_DIR"
 #: Columns every table gets from its context (added by :meth:`Context.save_table` when a
 #: table lacks them; :func:`study.sections.common.table_row` fills them per row).
 CONTEXT_COLUMNS = ("pretrained", "dry_run")
@@ -61,6 +63,10 @@ class Context:
         bench_host: SSH host for the deployment section ("" = this machine).
         nproc, nnodes, rdzv_endpoint: processes per node, nodes and rendezvous endpoint of
             every cached training (``torchrun``; 1, 1, "" = train in this process).
+        full_grid: run the exhaustive sweeps too (``--full-grid``: every KD temperature x
+            weight, every importance x schedule...); the sections' core comparisons run always.
+        retime: re-measure latencies even when a measurement of the same models is cached
+            (``--retime``).
     """
 
     profile: Profile
@@ -75,6 +81,8 @@ class Context:
     nproc: int = 1
     nnodes: int = 1
     rdzv_endpoint: str = ""
+    full_grid: bool = False
+    retime: bool = False
 
     @property
     def dry_run(self) -> bool:
@@ -129,7 +137,7 @@ class Context:
         return csv
 
     def save_figure(self, fig, section: str, name: str, dpi: int = 110, caption: str = "",
-                    split: str = "val", seeds=None) -> Path:
+                    split: str = "test", seeds=None) -> Path:
         """Save a matplotlib figure as ``<section>_<name>.png`` (atomically) and show it inline.
 
         In a notebook the PNG is displayed where this is called, followed by a caption that
@@ -303,7 +311,8 @@ def check_weights(prof: Profile, load: bool = False) -> dict:
 def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: str = "build",
           fresh: bool = False, bench_host: str = "", weights_dir: str | None = None,
           fast_dev_run: bool | None = None, nproc: int | None = None, nnodes: int | None = None,
-          rdzv_endpoint: str | None = None) -> Context:
+          rdzv_endpoint: str | None = None, full_grid: bool | None = None, retime: bool | None = None,
+          cache_dir: str | None = None) -> Context:
     """Build the :class:`Context` of a notebook run: seed, check the profile, prepare data.
 
     Args:
@@ -321,6 +330,15 @@ def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: s
         nproc, nnodes, rdzv_endpoint: ``torchrun`` launch of every cached training. None:
             the environment variables :data:`NPROC_ENV`, :data:`NNODES_ENV`,
             :data:`RDZV_ENV` (set by the runner), else 1, 1, "".
+        full_grid, retime: see :class:`Context`; None: the environment variables
+            :data:`FULL_GRID_ENV`, :data:`RETIME_ENV` ("1" = on), else off.
+        cache_dir: another cache to read trained models and measurements from
+            (``--cache-dir``; used as is, never written; new entries go to
+            ``<build_dir>/cache``). None: :data:`CACHE_DIR_ENV`, else none.
+
+    Torch runs with ``set_flush_denormal(True)`` (subnormal floats slow x86 kernels ~100x)
+    and, unless the profile fixes ``torch_threads``, as many intra-op threads as the machine
+    has physical cores (:func:`study.bench.default_threads`, the study's one thread policy).
 
     Raises:
         study.profiles.ProfileError: bad profile or unmet requirements.
@@ -343,13 +361,21 @@ def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: s
                        weights_dir=weights_dir or None)
     if prof.pretrained and prof.weights_dir:
         check_weights(prof)  # every missing file in one message, before any training
-    if prof.extra.get("torch_threads"):
-        torch.set_num_threads(int(prof.extra["torch_threads"]))
+    from .bench import default_threads
+
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(int(prof.extra.get("torch_threads") or default_threads()))
+    if full_grid is None:
+        full_grid = os.environ.get(FULL_GRID_ENV, "") == "1"
+    if retime is None:
+        retime = os.environ.get(RETIME_ENV, "") == "1"
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_DIR_ENV, "")
     seed_everything(seed)
     build = Path(build_dir)
     if not build.is_absolute():
         build = REPO_ROOT / build
-    cache = ArtifactCache(build / "cache", fresh=fresh)
+    cache = ArtifactCache(build / "cache", fresh=fresh, extra_roots=[cache_dir] if cache_dir else ())
     # the dataset is the profile's own (a dry run trains on the same images)
     info = sdata.prepare_dataset(PROFILES[prof.name], seed=prof.data_seed, cache_root=build / "cache",
                                  data_root=data_root or None)
@@ -363,4 +389,5 @@ def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: s
               f"crops, batch {prof.batch_size}). The numbers are NOT results; outputs go to {out}.")
     return Context(profile=prof, seed=seed, out_dir=out, cache=cache, data_root=Path(info.root),
                    data_fp=info.fingerprint, generated_data=info.generated, bench_host=bench_host,
-                   nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
+                   nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, full_grid=bool(full_grid),
+                   retime=bool(retime))

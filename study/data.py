@@ -6,7 +6,12 @@ Entry points:
   embedded dataset once (atomically, cached by a hash of its parameters and of the
   generator's source) or validates and fingerprints a real LPCVC folder.
 - :func:`make_loaders` - seeded train / val ``DataLoader`` pair with source 000's
-  augmentations (albumentations).
+  augmentations (albumentations); :func:`make_eval_loader` - any split, for scoring.
+- :func:`split_pairs` - the three splits of the study: ``train`` (weights), ``val``
+  (every choice: KD method, schedule, INT8 exclusions, search settings) and ``test`` (every
+  number a verdict or headline uses). The embedded dataset has all three; a real LPCVC
+  folder has train and val only, so a fixed, seeded 10 % of its train images is held out as
+  ``val`` and the official val is ``test`` (:data:`HOLDOUT_FRACTION`, :data:`HOLDOUT_SEED`).
 
 The generator (:func:`generate_scene`) paints procedural top-down scenes of seven types
 (town, earthquake, flood, wildfire, volcano, mountain, landslide) with the 14 LPCVC
@@ -41,6 +46,12 @@ cv2.setNumThreads(1)  # the generator and the loaders parallelise over processes
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_INDEX_OFFSET = 1_000_000
+TEST_INDEX_OFFSET = 2_000_000
+#: Fraction of a real dataset's train images held out as the selection (``val``) split when
+#: the dataset has no test split (LPCVC ships train and val only), and the seed of that draw.
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_SEED = 0
+SPLITS = ("train", "val", "test")
 SCENE_TYPES = ("town", "earthquake", "flood", "wildfire", "volcano", "mountain", "landslide")
 
 (BG, AVALANCHE, BUILDING, BUILDING_DAMAGED, CRACKS, DEBRIS, FIRE, FLOOD, ICE_JAM, LAVA,
@@ -285,7 +296,10 @@ def _vehicles(rng, size, img, lab, roads, count):
         p, d = _points_along(rng, pts, k)
         normal = np.stack([-d[:, 1], d[:, 0]], 1)
         p += normal * rng.uniform(-0.22, 0.22, (k, 1)) * width
-        L = max(3.0, rng.uniform(0.025, 0.035) * size)
+        # at least 5 px long (2.5 px wide): at the cpu profile's 96 px LPCVC-sized vehicles
+        # would be ~3 px and unlearnable (a labelled departure from LPCVC's proportions;
+        # unchanged from 200 px up)
+        L = max(5.0, rng.uniform(0.025, 0.035) * size)
         for (cx, cy), (dx, dy) in zip(p, d):
             if not (0 <= cx < size and 0 <= cy < size) or not m[int(cy), int(cx)]:
                 continue
@@ -382,7 +396,9 @@ def _persons(rng, size, img, lab, near, count, exclude):
     if len(ys) == 0:
         return
     pick = rng.integers(0, len(ys), count)
-    rad = max(1, int(round(size / 170)))
+    # radius >= 2 px (5 px discs): 1-px people are below what 96-px models resolve (a
+    # labelled departure from LPCVC's proportions; unchanged from 340 px up)
+    rad = max(2, int(round(size / 170)))
     for y, x in zip(ys[pick], xs[pick]):
         for _ in range(rng.integers(1, 4)):  # small groups
             yy, xx = int(y + rng.integers(-2, 3) * rad), int(x + rng.integers(-2, 3) * rad)
@@ -650,20 +666,23 @@ def _write_pair(args) -> None:
     Image.fromarray(np.repeat(mask[..., None], 3, axis=2)).save(gt_path, compress_level=1)
 
 
-def write_dataset(root, n_train: int, n_val: int, size: int, seed: int, workers: int = 2) -> Path:
+def write_dataset(root, n_train: int, n_val: int, size: int, seed: int, workers: int = 2,
+                  n_test: int = 0) -> Path:
     """Generate the embedded dataset into ``root`` in the short LPCVC layout.
 
-    Writes ``IMG/train/train_0000.png`` + ``GT/train/train_0000.png`` (n_train pairs) and
-    ``IMG/val/val_0000.png`` + ``GT/val/val_0000.png`` (n_val pairs). Images are RGB uint8
+    Writes ``IMG/train/train_0000.png`` + ``GT/train/train_0000.png`` (n_train pairs),
+    ``IMG/val/val_0000.png`` + ``GT/val/val_0000.png`` (n_val pairs) and, with ``n_test``,
+    ``IMG/test/test_0000.png`` + ``GT/test/...`` (n_test pairs). Images are RGB uint8
     PNG (size x size); masks are RGB PNG with the class index in every channel. Train
     scene ``i`` is ``generate_scene(seed, i, size)``; val scene ``i`` uses index
-    ``VAL_INDEX_OFFSET + i`` (disjoint from train).
+    ``VAL_INDEX_OFFSET + i`` and test scene ``i`` index ``TEST_INDEX_OFFSET + i`` (three
+    disjoint sets of scenes).
 
     This function is not atomic by itself; :func:`prepare_dataset` calls it on a temp dir.
 
     Args:
         root: output folder (created).
-        n_train, n_val: number of pairs (>= 1 each).
+        n_train, n_val: number of pairs (>= 1 each); n_test: test pairs (0: no test split).
         size: image side, px.
         seed: dataset seed.
         workers: processes (1 = in this process).
@@ -674,11 +693,15 @@ def write_dataset(root, n_train: int, n_val: int, size: int, seed: int, workers:
     Raises:
         ValueError: n_train or n_val < 1.
     """
-    if n_train < 1 or n_val < 1:
-        raise ValueError(f"write_dataset: n_train and n_val must be >= 1 (got {n_train}, {n_val})")
+    if n_train < 1 or n_val < 1 or n_test < 0:
+        raise ValueError(f"write_dataset: n_train and n_val must be >= 1 and n_test >= 0 "
+                         f"(got {n_train}, {n_val}, {n_test})")
     root = Path(root)
     jobs = []
-    for split, n, off in (("train", n_train, 0), ("val", n_val, VAL_INDEX_OFFSET)):
+    for split, n, off in (("train", n_train, 0), ("val", n_val, VAL_INDEX_OFFSET),
+                          ("test", n_test, TEST_INDEX_OFFSET)):
+        if n == 0:
+            continue
         (root / "IMG" / split).mkdir(parents=True, exist_ok=True)
         (root / "GT" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
@@ -698,21 +721,22 @@ def write_dataset(root, n_train: int, n_val: int, size: int, seed: int, workers:
 _LAYOUTS = (
     {"train": ("LPCVC_Train_Updated/IMG/train", "LPCVC_Train_Updated/GT_Updated/train"),
      "val": ("LPCVC_Val/IMG/val", "LPCVC_Val/GT/val")},
-    {"train": ("IMG/train", "GT/train"), "val": ("IMG/val", "GT/val")},
+    {"train": ("IMG/train", "GT/train"), "val": ("IMG/val", "GT/val"), "test": ("IMG/test", "GT/test")},
 )
 _IMG_EXT = (".png", ".jpg", ".jpeg")
 
 
 def find_layout(root) -> dict:
-    """Locate the image / mask folders of both splits.
+    """Locate the image / mask folders of the splits (train and val required, test optional).
 
     Accepts the published layout (``LPCVC_Train_Updated/IMG/train``,
     ``LPCVC_Train_Updated/GT_Updated/train``, ``LPCVC_Val/IMG/val``, ``LPCVC_Val/GT/val``)
-    and the short one (``IMG/{train,val}``, ``GT/{train,val}``); each split may use
-    either.
+    and the short one (``IMG/{train,val,test}``, ``GT/{train,val,test}``); each split may
+    use either. Only the short layout has a test split (the embedded dataset writes one).
 
     Returns:
-        ``{"train": (img_dir: Path, gt_dir: Path), "val": (img_dir, gt_dir)}``.
+        ``{"train": (img_dir: Path, gt_dir: Path), "val": (img_dir, gt_dir)}`` plus
+        ``"test"`` when ``IMG/test`` and ``GT/test`` exist.
 
     Raises:
         DataError: ``root`` is not a folder, or a split's folders are missing (the
@@ -722,6 +746,7 @@ def find_layout(root) -> dict:
     if not root.is_dir():
         raise DataError(f"dataset root {root} is not a folder")
     out = {}
+    test = (root / "IMG" / "test", root / "GT" / "test")
     for split in ("train", "val"):
         for lay in _LAYOUTS:
             img, gt = (root / p for p in lay[split])
@@ -731,7 +756,49 @@ def find_layout(root) -> dict:
         else:
             looked = "; ".join(f"{root / lay[split][0]} + {root / lay[split][1]}" for lay in _LAYOUTS)
             raise DataError(f"dataset {root}: no {split} split found; looked for {looked}")
+    if test[0].is_dir() and test[1].is_dir():
+        out["test"] = test
     return out
+
+
+def split_pairs(root) -> dict:
+    """The study's three splits of a dataset folder as matched ``(image, mask)`` path lists.
+
+    With a test split on disk (the embedded dataset): the folders as they are. Without one
+    (a real LPCVC folder: train and val only): ``test`` is the official val split and
+    ``val`` a fixed part of train - :data:`HOLDOUT_FRACTION` of it (at least one image),
+    drawn with ``numpy.random.default_rng(HOLDOUT_SEED)`` from the sorted file list, so it
+    is the same on every machine and run; ``train`` is the rest. Selection (KD method,
+    schedules, INT8 exclusions, search settings) uses ``val``; reported numbers ``test``.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``, each a list of ``(Path, Path)``.
+
+    Raises:
+        DataError: as :func:`find_layout` / unmatched files; a train split too small to
+            hold out one image and keep one.
+    """
+    lay = find_layout(root)
+    if "test" in lay:
+        return {k: _pairs(*lay[k]) for k in SPLITS}
+    train = _pairs(*lay["train"])
+    if len(train) < 2:
+        raise DataError(f"dataset {root}: its train split has {len(train)} image(s); holding out a selection "
+                        "split (no test split on disk) needs at least 2")
+    n_hold = max(1, int(round(HOLDOUT_FRACTION * len(train))))
+    hold = set(np.random.default_rng(HOLDOUT_SEED).permutation(len(train))[:n_hold].tolist())
+    return {"train": [p for i, p in enumerate(train) if i not in hold],
+            "val": [p for i, p in enumerate(train) if i in hold],
+            "test": _pairs(*lay["val"])}
+
+
+def split_protocol(root) -> str:
+    """One sentence saying where the val and test splits of ``root`` come from (for notebooks)."""
+    if "test" in find_layout(root):
+        return ("train / val / test are three disjoint generated sets; choices are made on val, "
+                "reported numbers are on test")
+    return (f"the official LPCVC val split is the test split; a fixed {HOLDOUT_FRACTION:.0%} of the train images "
+            f"(seed {HOLDOUT_SEED}) is held out as val for every choice, and the rest trains")
 
 
 def _list_images(d: Path) -> list[Path]:
@@ -853,7 +920,7 @@ def prepare_dataset(profile, seed: int, cache_root, data_root=None, workers: int
     """Return the dataset a run uses, generating the embedded one if needed.
 
     Without ``data_root``: the embedded dataset ``<cache_root>/data/embedded-<hash>``
-    (hash of ``profile.image_size``, ``profile.n_train``, ``profile.n_val``, ``seed`` and
+    (hash of ``profile.image_size``, ``profile.n_train``, ``profile.n_val``, ``profile.n_test``, ``seed`` and
     the generator source). It is generated into ``.tmp-embedded-<hash>-<pid>`` beside it
     and renamed into place (atomic); leftovers of killed runs are removed; an existing
     dataset is reused.
@@ -882,7 +949,8 @@ def prepare_dataset(profile, seed: int, cache_root, data_root=None, workers: int
         atomic_write_text(ok, str(root.resolve()))
         return DatasetInfo(root=root, fingerprint=fp, generated=False, layout=layout)
 
-    key = hashlib.sha256(repr((int(profile.image_size), int(profile.n_train), int(profile.n_val),
+    n_test = int(getattr(profile, "n_test", 0))
+    key = hashlib.sha256(repr((int(profile.image_size), int(profile.n_train), int(profile.n_val), n_test,
                                int(seed), _generator_source())).encode()).hexdigest()[:16]
     final = data_dir / f"embedded-{key}"
     for tmp in data_dir.glob(f".tmp-embedded-{key}-*"):
@@ -895,10 +963,11 @@ def prepare_dataset(profile, seed: int, cache_root, data_root=None, workers: int
     if not final.is_dir():
         tmp = data_dir / f".tmp-embedded-{key}-{os.getpid()}-{time.time_ns()}"
         try:
-            write_dataset(tmp, profile.n_train, profile.n_val, profile.image_size, seed, workers=workers)
+            write_dataset(tmp, profile.n_train, profile.n_val, profile.image_size, seed, workers=workers,
+                          n_test=n_test)
             atomic_write_text(tmp / "meta.json",
                               f'{{"image_size": {profile.image_size}, "n_train": {profile.n_train}, '
-                              f'"n_val": {profile.n_val}, "seed": {seed}, "key": "{key}"}}\n')
+                              f'"n_val": {profile.n_val}, "n_test": {n_test}, "seed": {seed}, "key": "{key}"}}\n')
             try:
                 os.replace(tmp, final)
             except OSError:
@@ -956,7 +1025,7 @@ class LPCVCDataset(torch.utils.data.Dataset):
 
     Args:
         root: dataset folder (either layout, see :func:`find_layout`).
-        split: ``"train"`` or ``"val"``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (as :func:`split_pairs` defines them).
         transform: albumentations-style callable ``(image=, mask=) -> dict``, or None.
         size: resize files to (size, size) before ``transform`` (None: keep).
 
@@ -965,11 +1034,11 @@ class LPCVCDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split: str, transform=None, size: int | None = None):
-        if split not in ("train", "val"):
-            raise DataError(f"split must be 'train' or 'val', got {split!r}")
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         self.root = Path(root)
         self.split = split
-        self.pairs = _pairs(*find_layout(self.root)[split])
+        self.pairs = split_pairs(self.root)[split]
         self.transform = transform
         self.size = size
         self._mean = np.array(IMAGENET_MEAN, np.float32) * 255
@@ -1040,6 +1109,19 @@ def make_loaders(root, profile, seed: int, batch_size: int | None = None, num_wo
     return train, val
 
 
+def make_eval_loader(root, profile, split: str, batch_size: int = 8):
+    """A fixed-order loader of one split resized to ``profile.image_size`` (for scoring).
+
+    Returns:
+        ``DataLoader`` of ``(x float32 (B,3,H,W), y int64 (B,H,W))``.
+
+    Raises:
+        DataError: unknown split or malformed dataset.
+    """
+    ds = LPCVCDataset(root, split, transform=val_transform(profile.image_size))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False)
+
+
 class BatchStream:
     """One endless, continuing stream of a loader's batches (the study's one batch stream).
 
@@ -1090,7 +1172,7 @@ def class_frequencies(root, split: str) -> np.ndarray:
         float64 array (14,), sums to 1.
     """
     counts = np.zeros(256, np.int64)
-    for _, mp in _pairs(*find_layout(root)[split]):
+    for _, mp in split_pairs(root)[split]:
         counts += np.bincount(_read_mask(mp).ravel(), minlength=256)
     valid = counts[:NUM_CLASSES]
     return valid / max(1, valid.sum())
@@ -1112,6 +1194,6 @@ def load_split_arrays(root, split: str, size: int, limit: int | None = None):
 
 
 __all__ = ["DataError", "DatasetInfo", "generate_scene", "write_dataset", "prepare_dataset",
-           "find_layout", "validate_dataset", "fingerprint_dataset", "LPCVCDataset",
+           "find_layout", "split_pairs", "split_protocol", "make_eval_loader", "SPLITS", "validate_dataset", "fingerprint_dataset", "LPCVCDataset",
            "train_transform", "val_transform", "make_loaders", "class_frequencies",
            "load_split_arrays", "BatchStream", "batch_stream", "CLASS_NAMES", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -20,6 +20,14 @@ Losses (all return a scalar float32 tensor; logits are float ``(N, C, H, W)``, t
   a spatial distribution ``softmax_{hw}(y/T)``; the loss is the KL divergence teacher ->
   student summed over positions, averaged over ``N*C`` channel maps, times ``T**2``.
 
+Teacher outputs paid once (issue #13): KD runs that share a seed see the same batches, so
+:func:`teacher_targets` runs the teacher once over a seeded batch stream and keeps its
+logits at the decoder's resolution (before the final bilinear upsampling) in float16,
+with a checksum of every batch; ``make_kd_loss(..., targets=...)`` replays them step by
+step instead of running the teacher (and refuses a batch whose checksum differs). The
+stored logits are 1/16 of the full-resolution logits' size; FitNets features would be
+~13x the logits, so ``kl+feat`` keeps the live teacher.
+
 Training: :class:`KDConfig` names one setting, :func:`make_kd_loss` turns it into the
 ``loss_fn(model, images, masks)`` that :func:`study.train.train` accepts
 (``seg + kd_weight * KD term [+ feat_weight * hint term]``), and :class:`KDStudent` wraps a
@@ -310,7 +318,41 @@ class KDStudent(nn.Module):
         return self.student.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, *, train_cfg: TrainConfig | None = None):
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, batches, steps: int, bf16: bool = False) -> dict:
+    """Run ``teacher`` once over the first ``steps`` batches of ``batches``; keep compact logits.
+
+    Args:
+        teacher: frozen teacher with ``forward_decoder(x) -> (logits (N, K, h, w), feats)``
+            (a :class:`study.models.UPerNet`); other models: ``teacher(x)`` logits kept at
+            full resolution.
+        batches: iterator of ``(images float32 (N, 3, H, W), masks)`` - the same seeded
+            stream the KD run will train on (:func:`study.data.batch_stream` of an identically
+            built loader).
+        steps: number of batches (the KD run's optimizer steps).
+        bf16: run the teacher under CPU bfloat16 autocast (as it would run inside a bf16
+            training step).
+
+    Returns:
+        ``{"logits": [float16 (N, K, h, w)] * steps, "checksum": float64 (steps,),
+        "hw": (H, W)}``; the checksum is the sum of each batch's images (float64).
+    """
+    teacher.eval()
+    logits, sums, hw = [], [], None
+    dec = getattr(teacher, "forward_decoder", None)
+    for _, (images, _) in zip(range(int(steps)), batches):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(bf16) and images.device.type == "cpu"):
+            y = dec(images)[0] if dec is not None else teacher(images)
+        logits.append(y.to(torch.float16).cpu())
+        sums.append(float(images.double().sum()))
+        hw = tuple(images.shape[-2:])
+    if len(logits) < int(steps):
+        raise ValueError(f"teacher_targets: the batch stream ended after {len(logits)} of {steps} batches")
+    return {"logits": logits, "checksum": torch.tensor(sums, dtype=torch.float64), "hw": hw}
+
+
+def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, *, train_cfg: TrainConfig | None = None,
+                 targets: dict | None = None):
     """Build ``loss_fn(model, images, masks) -> (loss, logs)`` for :func:`study.train.train`.
 
     ``loss = seg + kd_weight * KD(student, teacher) [+ feat_weight * hints]`` where ``seg``
@@ -327,17 +369,44 @@ def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, *, train_cfg: TrainCo
             a :class:`KDStudent` (possibly DDP-wrapped) holding the adapters.
         train_cfg: :class:`study.train.TrainConfig` of the segmentation loss (default
             ``TrainConfig()``).
+        targets: :func:`teacher_targets` of the batch stream this loss will see: call ``k``
+            uses the stored logits of batch ``k`` (upsampled bilinearly to the batch's size,
+            as the teacher's own forward does) instead of running the teacher. Not for
+            ``kl+feat`` (features are not stored) nor for multi-process training (each
+            rank sees another part of the stream).
 
     Returns:
         the loss function; ``loss`` is a scalar tensor, ``logs`` a dict of floats ``seg``,
         ``kd`` and ``feat`` (those used).
 
     Raises:
-        ValueError: a teacher is missing for a KD method.
+        ValueError: a teacher is missing for a KD method (and no ``targets``); ``targets``
+            with ``kl+feat``.
+        RuntimeError (from the loss): more calls than stored batches, or a batch whose
+            checksum differs from the stored one (the stream is not the one the targets
+            were computed on).
     """
     tcfg = train_cfg if train_cfg is not None else TrainConfig()
-    if cfg.method != "none" and teacher is None:
+    if cfg.method != "none" and teacher is None and targets is None:
         raise ValueError(f"make_kd_loss: method {cfg.method!r} needs a teacher")
+    if targets is not None and cfg.method == "kl+feat":
+        raise ValueError("make_kd_loss: stored teacher targets hold no features; kl+feat needs the live teacher")
+    calls = [0]
+
+    def replay(images: torch.Tensor) -> torch.Tensor:
+        k = calls[0]
+        calls[0] += 1
+        if k >= len(targets["logits"]):
+            raise RuntimeError(f"KD: stored teacher targets cover {len(targets['logits'])} batches; "
+                               f"call {k + 1} has none")
+        got, want = float(images.double().sum()), float(targets["checksum"][k])
+        if abs(got - want) > 1e-6 * max(1.0, abs(want)):
+            raise RuntimeError(f"KD: batch {k} differs from the one the stored teacher targets were computed on "
+                               f"(image sum {got:.6g} vs {want:.6g}); the KD run's loader must be built with the "
+                               "same seed and settings")
+        y = targets["logits"][k].to(images.device, torch.float32)
+        return F.interpolate(y, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
@@ -353,12 +422,15 @@ def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, *, train_cfg: TrainCo
         logs = {"seg": float(seg.detach())}
         if cfg.method == "none":
             return seg, logs
-        teacher.eval()
-        with torch.no_grad():
-            if use_feat:
-                t_logits, t_feats = teacher.forward_with_features(images)
-            else:
-                t_logits = teacher(images)
+        if targets is not None:
+            t_logits = replay(images)
+        else:
+            teacher.eval()
+            with torch.no_grad():
+                if use_feat:
+                    t_logits, t_feats = teacher.forward_with_features(images)
+                else:
+                    t_logits = teacher(images)
         if cfg.method in ("kl", "kl+feat"):
             kd = kd_kl(logits, t_logits, masks, cfg.temperature)
         elif cfg.method == "mse":
@@ -377,4 +449,4 @@ def make_kd_loss(teacher: nn.Module | None, cfg: KDConfig, *, train_cfg: TrainCo
 
 
 __all__ = ["METHODS", "kd_kl", "kd_mse", "cwd_loss", "FeatureAdapters", "feature_mse", "KDConfig", "KDStudent",
-           "make_kd_loss"]
+           "teacher_targets", "make_kd_loss"]

@@ -530,10 +530,22 @@ class UPerNet(nn.Module):
             ``(logits, feats)``: logits float32 ``(N, num_classes, H, W)``; ``feats`` a
             list of 4 float32 tensors ``(N, feature_channels[i], H/s, W/s)``, s = 4..32.
         """
+        y, feats = self.forward_decoder(x)
+        return _resize(y, x.shape[-2:]), feats
+
+    def forward_decoder(self, x: torch.Tensor):
+        """Logits at the decoder's resolution (before the final bilinear upsampling) and features.
+
+        ``forward(x) == F.interpolate(forward_decoder(x)[0], x.shape[-2:], mode="bilinear")``;
+        used to store a teacher's outputs compactly (:func:`study.distill.teacher_targets`).
+
+        Returns:
+            ``(logits float32 (N, num_classes, H/4, W/4), feats)`` with ``feats`` as in
+            :meth:`forward_with_features`.
+        """
         _check_input(x, "UPerNet.forward", self.fixed_input_hw)
         feats = self.backbone(x)
-        y = self.classifier(self.dropout(self.decode_head(feats)))
-        return _resize(y, x.shape[-2:]), feats
+        return self.classifier(self.dropout(self.decode_head(feats))), feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """float32 ``(N, 3, H, W)`` -> logits float32 ``(N, num_classes, H, W)``."""

@@ -112,7 +112,8 @@ def _previous_records(out: Path) -> dict:
 def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | None = None,
         bench_host: str = "", fresh: bool = False, build_dir: str = "build", kernel: str = "python3",
         report: bool = True, weights_dir: str = "", fast_dev_run: bool = False, nproc: int = 1,
-        nnodes: int = 1, rdzv_endpoint: str = "") -> dict:
+        nnodes: int = 1, rdzv_endpoint: str = "", full_grid: bool = False, retime: bool = False,
+        cache_dir: str = "") -> dict:
     """Execute the notebooks of ``sections`` and write ``run.json`` (and ``report.html``).
 
     Args:
@@ -126,6 +127,9 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
             ``<build_dir>/<profile>-dryrun/``.
         nproc, nnodes, rdzv_endpoint: ``torchrun`` launch of every cached training (passed
             to the kernels in the environment, see :mod:`study.context`).
+        full_grid: ``--full-grid``: the exhaustive sweeps too (tables merged when present).
+        retime: ``--retime``: re-measure cached latencies.
+        cache_dir: ``--cache-dir``: another (possibly read-only) cache to read from.
 
     Returns:
         the run record (as written to ``run.json``); ``record['failed']`` lists failed notebooks.
@@ -135,7 +139,8 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
         study.models.WeightsError: a pretrained run without its checkpoints (before any
             notebook runs; the message names every file and its download command).
     """
-    from .context import NNODES_ENV, NPROC_ENV, RDZV_ENV, check_weights  # torch, timm: not for --help
+    from .context import (CACHE_DIR_ENV, FULL_GRID_ENV, NNODES_ENV, NPROC_ENV, RDZV_ENV, RETIME_ENV,  # noqa: I001
+                          check_weights)  # torch, timm: not for --help
 
     prof = get_profile(profile, data_root=data_root or None, fast_dev_run=fast_dev_run,
                        weights_dir=weights_dir or None)
@@ -151,8 +156,13 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
     out.mkdir(parents=True, exist_ok=True)
     # Kernels inherit these: no progress bars in the saved notebooks (one summary line per
     # training instead, study.train.progress_bar), and the multi-process launch settings.
+    if cache_dir and not Path(cache_dir).is_dir():
+        raise FileNotFoundError(f"--cache-dir {cache_dir}: no such folder (point it at another build's cache, "
+                                "e.g. /path/to/build/cache)")
     env = {"SEGCOMPRESS_BATCH": "1", NPROC_ENV: str(int(nproc)), NNODES_ENV: str(int(nnodes)),
-           RDZV_ENV: rdzv_endpoint or ""}
+           RDZV_ENV: rdzv_endpoint or "", FULL_GRID_ENV: "1" if full_grid else "",
+           RETIME_ENV: "1" if retime else "",
+           CACHE_DIR_ENV: str(Path(cache_dir).resolve()) if cache_dir else ""}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     params = {"profile": profile, "seed": seed, "data_root": data_root, "build_dir": str(build),
@@ -182,6 +192,7 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
                "fast_dev_run": bool(prof.dry_run), "pretrained": bool(prof.pretrained),
                "weights_dir": prof.weights_dir, "weights": weights,
                "nproc": int(nproc), "nnodes": int(nnodes), "rdzv_endpoint": rdzv_endpoint,
+               "full_grid": bool(full_grid), "retime": bool(retime), "cache_dir": cache_dir,
                "profile_config": prof.to_dict(), **provenance(),
                "notebooks": [prev[s] for s in NOTEBOOKS if s in prev],
                "failed": [r["name"] for r in records if r["status"] != "ok"]}
@@ -458,6 +469,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="processes per node of every cached training (torchrun; gloo on CPU, NCCL on GPU)")
     r.add_argument("--nnodes", type=int, default=1, metavar="N", help="nodes of every cached training (torchrun)")
+    r.add_argument("--full-grid", action="store_true",
+                   help="also run the exhaustive sweeps (every KD temperature x weight and method, every "
+                        "importance x schedule, ...); their rows are merged into the tables")
+    r.add_argument("--retime", action="store_true",
+                   help="re-measure latencies even when the same models were measured before (cached)")
+    r.add_argument("--cache-dir", default="", metavar="DIR",
+                   help="another build's cache to read trained models and measurements from (used as is, "
+                        "never written; new entries go to BUILD_DIR/cache)")
     r.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
                    help="torchrun rendezvous endpoint (needed with --nnodes > 1)")
     b = sub.add_parser("report", help="rebuild report.html from an existing build", formatter_class=fmt)
@@ -522,7 +541,11 @@ def main(argv: list[str] | None = None) -> int:
                   args.bench_host, args.fresh, args.build_dir, args.kernel,
                   weights_dir=os.path.abspath(args.weights_dir) if args.weights_dir else "",
                   fast_dev_run=args.fast_dev_run, nproc=args.nproc, nnodes=args.nnodes,
-                  rdzv_endpoint=args.rdzv_endpoint)
+                  rdzv_endpoint=args.rdzv_endpoint, full_grid=args.full_grid, retime=args.retime,
+                  cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else "")
+    except (WeightsError, FileNotFoundError) as exc:
+        print(f"python -m study.report run: {exc}", file=sys.stderr)
+        return 2
     except WeightsError as exc:
         print(f"python -m study.report run: {exc}", file=sys.stderr)
         return 2

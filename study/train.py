@@ -14,6 +14,7 @@ gradients. ``loss_fn`` plugs in other objectives (knowledge distillation:
     scores = train.evaluate(model, val_loader)                       # miou, mdice, per_class_iou...
 
 Entry points: :func:`train`, :func:`evaluate`, :func:`predict`, :func:`seed_everything`,
+:func:`last_quarter_gain`,
 :class:`TrainConfig`, :func:`segmentation_loss`. Multi-process jobs: :func:`write_job`
 (a training as a self-contained file), :func:`launch_job` (``torchrun ... -m study.train
 job FILE``, which runs :func:`run_job` on every rank). The cached baseline models, the profile's
@@ -97,6 +98,12 @@ class TrainConfig:
         grad_clip: max gradient norm (0 disables).
         amp: mixed precision on CUDA (ignored on CPU).
         log_csv: path of the CSV log ('' for none).
+        channels_last: train in the channels-last memory format (NHWC); the model is back
+            in the default format when :func:`train` returns.
+        bf16: bfloat16 autocast on a CPU (needs native BF16, e.g. AVX-512 BF16, to pay);
+            weights, optimizer state and the loss stay float32. Which models use these two
+            is chosen by measurement (``benchmarks/bench_train_speed.py``,
+            :data:`study.sections.common.TRAIN_MODES`).
     """
 
     steps: int = 100
@@ -111,6 +118,8 @@ class TrainConfig:
     grad_clip: float = 5.0
     amp: bool = True
     log_csv: str = ""
+    channels_last: bool = False
+    bf16: bool = False
 
 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,
@@ -202,6 +211,10 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, loss_fn:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = cfg.amp and device.type == "cuda"
+    cpu_bf16 = bool(cfg.bf16) and device.type == "cpu"
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -212,15 +225,17 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, loss_fn:
     model.train()
     for step in bar:
         images, masks = next(stream)
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        masks = masks.to(device, non_blocking=True)
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if cpu_bf16 else None, enabled=use_amp or cpu_bf16):
             if loss_fn is None:
                 loss, logs = segmentation_loss(net(images), masks, cfg), {}
             else:
                 loss, logs = loss_fn(net, images, masks)
+        loss = loss.float()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -242,6 +257,8 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, loss_fn:
             hist["evals"].append({"step": step + 1, "miou": s["miou"], "mdice": s["mdice"]})
             model.train()
     model.eval()
+    if cfg.channels_last:
+        model.to(memory_format=torch.contiguous_format)
     hist["seconds"] = time.perf_counter() - t0
     if progress and rank == 0 and os.environ.get(BATCH_ENV) == "1" and cfg.steps:
         last_eval = f", val mIoU {hist['evals'][-1]['miou']:.4f}" if hist["evals"] else ""
@@ -250,6 +267,31 @@ def train(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, loss_fn:
     if cfg.log_csv and rank == 0:
         _write_log(cfg.log_csv, hist)
     return hist
+
+
+def last_quarter_gain(evals, steps: int) -> float:
+    """Final validation mIoU minus its value at 75 % of training (issue #13's learning-curve check).
+
+    A clearly positive value says the model was still learning when training stopped.
+
+    Args:
+        evals: ``history["evals"]`` of :func:`train` (dicts with ``step`` and ``miou``), in
+            step order, the last one at the final step.
+        steps: the training's total optimizer steps.
+
+    Returns:
+        the gain in mIoU (float, 0-1 scale); the value at ``0.75 * steps`` is linearly
+        interpolated between the two nearest evaluations; NaN with fewer than 2 evaluations
+        or none at or before 75 % of training.
+    """
+    pts = [(int(e["step"]), float(e["miou"])) for e in evals]
+    if len(pts) < 2 or steps <= 0:
+        return float("nan")
+    x = 0.75 * steps
+    if pts[0][0] > x:
+        return float("nan")
+    xs, ys = zip(*pts)
+    return float(ys[-1] - np.interp(x, xs, ys))
 
 
 def _write_log(path: str, hist: dict) -> None:

@@ -113,8 +113,33 @@ def test_write_dataset_layout_and_loader(tmp_path):
     D.validate_dataset(root)
     f = D.class_frequencies(root, "train")
     assert f.shape == (NUM_CLASSES,) and f.dtype == np.float64 and abs(f.sum() - 1) < 1e-9
-    imgs, masks = D.load_split_arrays(root, "val", 32)
+    # no test split on disk: val is a held-out part of train, test is the folder's val
+    imgs, masks = D.load_split_arrays(root, "test", 32)
     assert imgs.shape == (2, 32, 32, 3) and imgs.dtype == np.uint8 and masks.shape == (2, 32, 32)
+
+
+def test_embedded_test_split_is_disjoint_and_selection_split_used(tmp_path):
+    root = D.write_dataset(tmp_path / "ds", n_train=3, n_val=2, size=40, seed=5, workers=1, n_test=2)
+    sp = D.split_pairs(root)
+    assert [len(sp[k]) for k in ("train", "val", "test")] == [3, 2, 2]
+    t = np.asarray(Image.open(root / "GT/test/test_0001.png"))[..., 0]
+    assert np.array_equal(t, D.generate_scene(5, D.TEST_INDEX_OFFSET + 1, 40)[1])
+    imgs = {k: {D._read_image(p).tobytes() for p, _ in sp[k]} for k in sp}
+    assert not (imgs["train"] & imgs["val"]) and not (imgs["train"] & imgs["test"]) and not (imgs["val"] & imgs["test"])
+    assert "three disjoint" in D.split_protocol(root)
+    assert len(D.make_eval_loader(root, type("P", (), {"image_size": 32})(), "test").dataset) == 2
+    with pytest.raises(D.DataError, match="split must be one of"):
+        D.LPCVCDataset(root, "holdout")
+
+
+def test_lpcvc_layout_holds_out_a_fixed_seeded_part_of_train(tmp_path):
+    root = D.write_dataset(tmp_path / "ds", n_train=20, n_val=3, size=32, seed=2, workers=1)
+    a, b = D.split_pairs(root), D.split_pairs(root)
+    assert a == b  # fixed draw
+    assert len(a["val"]) == 2 and len(a["train"]) == 18 and len(a["test"]) == 3
+    assert {p for p, _ in a["test"]} == set((root / "IMG/val").iterdir())
+    assert not ({p for p, _ in a["val"]} & {p for p, _ in a["train"]})
+    assert "held out" in D.split_protocol(root)
 
 
 def test_both_layouts_accepted(tmp_path):
@@ -205,7 +230,7 @@ def test_prepare_dataset_with_data_root(tmp_path):
 # --- loaders ------------------------------------------------------------------------------
 
 def test_loader_determinism(tmp_path):
-    root = D.write_dataset(tmp_path / "ds", n_train=6, n_val=3, size=48, seed=0, workers=1)
+    root = D.write_dataset(tmp_path / "ds", n_train=6, n_val=3, size=48, seed=0, workers=1, n_test=1)
     prof = SMOKE.replace(image_size=48, crop_size=40, batch_size=2)
 
     def first(seed, workers=0):

@@ -3,6 +3,7 @@ choice rules and table (study.sections.distillation)."""
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -261,7 +262,7 @@ def test_kd_student_reads_notebook_choice_and_falls_back(tmp_path, monkeypatch, 
 def test_distill_student_cache_key_holds_the_teacher_weights_and_the_distill_code(tmp_path, monkeypatch):
     """The KD cache key names the exact teacher weights (model_fingerprint) and covers study.distill."""
     torch.manual_seed(0)
-    teachers = iter([TinySeg(widths=(8, 12)), TinySeg(widths=(8, 12))])  # two different random inits
+    teachers = iter([TinySeg(widths=(8, 12)), TinySeg(widths=(8, 12)), TinySeg()])  # two random teachers, a student
     loaded, calls = [], []
 
     def fake_trained_model(ctx, name, steps=None, seed=None):
@@ -271,10 +272,13 @@ def test_distill_student_cache_key_holds_the_teacher_weights_and_the_distill_cod
     def fake_train_cached(ctx, tag, build_fn, cfg, loss_fn_factory=None, seed=None, extra_key=None, modules=()):
         calls.append({"tag": tag, "steps": cfg.steps, "seed": seed, "extra": extra_key, "modules": list(modules),
                       "loss_fn": loss_fn_factory()})
-        return TinySeg(), {"scores": {"miou": 0.1, "mdice": 0.2}, "history": {"seconds": 1.5}}
+        return TinySeg(), {"scores": {"miou": 0.1, "mdice": 0.2}, "test_scores": {"miou": 0.15, "mdice": 0.25},
+                           "history": {"seconds": 1.5}}
 
+    targets = []
     monkeypatch.setattr(sec, "trained_model", fake_trained_model)
     monkeypatch.setattr(sec, "train_cached", fake_train_cached)
+    monkeypatch.setattr(sec, "teacher_outputs", lambda ctx, seed, steps, bf16=False: targets.append((seed, steps)))
     ctx = _ctx(tmp_path, fresh=True)  # fresh: the teacher is reloaded on every call
     _, rec = sec.distill_student(ctx, cfg=KDConfig("kl", 2.0, 1.0), seed=3)
     first = calls[-1]
@@ -282,16 +286,24 @@ def test_distill_student_cache_key_holds_the_teacher_weights_and_the_distill_cod
     assert first["steps"] == sec.kd_steps(ctx.profile) and rec["steps"] == first["steps"]
     assert first["extra"]["kd"] == {"method": "kl", "temperature": 2.0, "kd_weight": 1.0, "feat_weight": 0.0}
     assert first["extra"]["teacher"]["name"] == ctx.profile.teacher
-    assert {"study.distill", "study.sections.distillation", "study.train"} <= set(code_closure(*first["modules"]))
+    assert {"study.distill", "study.train"} <= set(code_closure(*first["modules"]))
+    # the section's tables and verdicts are not in the key: editing them never retrains
+    assert "study.sections.distillation" not in code_closure(*first["modules"])
     assert rec["teacher_miou"] == 0.4 and rec["train_seconds"] == 1.5 and rec["seed"] == 3
+    # reported on test, selected on val; the teacher's outputs were asked for once per run (seed, steps)
+    assert rec["miou"] == 0.15 and rec["val_miou"] == 0.1 and rec["split"] == "test"
+    assert targets == [(3, first["steps"])]
     sec.distill_student(ctx, cfg=KDConfig("kl", 2.0, 1.0), seed=3)
     second = calls[-1]
     # a teacher with other weights gives another key
     assert first["extra"]["teacher"]["weights"] != second["extra"]["teacher"]["weights"]
-    # "none" trains without loading a teacher and keys no teacher
-    n = len(loaded)
+    # "none" at the control's budget IS the section-0 baseline (no teacher, no new training)
+    n, c = len(loaded), len(calls)
     _, rec = sec.distill_student(ctx, cfg=KDConfig("none"))
-    assert len(loaded) == n and calls[-1]["extra"]["teacher"] is None and math.isnan(rec["teacher_miou"])
+    assert loaded[n:] == [sec.MAIN_STUDENT] and len(calls) == c and math.isnan(rec["teacher_miou"])
+    # "none" at another budget trains without loading a teacher and keys no teacher
+    _, rec = sec.distill_student(ctx, cfg=KDConfig("none"), steps=sec.kd_steps(ctx.profile) + 1)
+    assert calls[-1]["extra"]["teacher"] is None and math.isnan(rec["teacher_miou"])
 
 
 def test_teacher_is_shared_and_its_key_is_model_fingerprint(tmp_path, monkeypatch):
@@ -300,7 +312,9 @@ def test_teacher_is_shared_and_its_key_is_model_fingerprint(tmp_path, monkeypatc
     monkeypatch.setattr(sec, "trained_model",
                         lambda ctx, name, steps=None, seed=None: loads.append(name) or (t, {"miou": 0.4}))
     monkeypatch.setattr(sec, "train_cached", lambda ctx, tag, build_fn, cfg, **kw: keys.append(kw["extra_key"])
-                        or (TinySeg(), {"scores": {"miou": 0.1}, "history": {"seconds": 0.0}}))
+                        or (TinySeg(), {"scores": {"miou": 0.1}, "test_scores": {"miou": 0.1},
+                                        "history": {"seconds": 0.0}}))
+    monkeypatch.setattr(sec, "teacher_outputs", lambda *a, **k: None)
     ctx = _ctx(tmp_path / "shared")  # not fresh: the teacher is loaded once per process and context
     model, scores = sec.teacher(ctx)
     assert model is t and scores == {"miou": 0.4}
@@ -310,16 +324,33 @@ def test_teacher_is_shared_and_its_key_is_model_fingerprint(tmp_path, monkeypatc
 
 
 def test_choice_rules_take_the_best_and_the_first_on_ties():
-    sweep = {(1.0, 1.0): {"miou": 0.3}, (2.0, 1.0): {"miou": 0.5}, (4.0, 1.0): {"miou": 0.5},
-             (2.0, 0.5): {"miou": 0.4}}
+    # choices read the validation score only (test numbers never choose)
+    sweep = {(1.0, 1.0): {"val_miou": 0.3, "miou": 0.9}, (2.0, 1.0): {"val_miou": 0.5, "miou": 0.1},
+             (4.0, 1.0): {"val_miou": 0.5, "miou": 0.1}, (2.0, 0.5): {"val_miou": 0.4, "miou": 0.1}}
     assert sec.best_kl(sweep) == KDConfig("kl", 2.0, 1.0)
-    summ = {"none": {"miou": 0.9}, "kl": {"miou": 0.2}, "mse": {"miou": 0.6}, "cwd": {"miou": 0.6}}
+    summ = {"none": {"val_miou": 0.9}, "kl": {"val_miou": 0.2, "miou": 0.9}, "mse": {"val_miou": 0.6},
+            "cwd": {"val_miou": 0.6}}
     assert sec.best_kd_method(summ) == "mse"  # "none" never wins; the first of equal ones does
     cfgs = sec.main_configs(KDConfig("kl", 4.0, 0.5))
     assert list(cfgs) == ["none", "kl", "mse", "kl+feat", "cwd"]
     assert cfgs["kl+feat"] == KDConfig("kl+feat", 4.0, 0.5, sec.FEAT_WEIGHT)
-    assert sec.sweep_plan(PROFILES["cpu"])["steps"] == PROFILES["cpu"].student_steps // 3
+    # every KD run trains as long as its no-KD control (the section-0 baseline)
+    assert sec.sweep_plan(PROFILES["cpu"])["steps"] == PROFILES["cpu"].student_steps
     assert sec.kd_steps(PROFILES["smoke"]) == PROFILES["smoke"].student_steps
+    core, full = sec.sweep_plan(PROFILES["cpu"]), sec.sweep_plan(PROFILES["cpu"], full_grid=True)
+    assert core["methods"] == ("none", "mse") and not core["temperatures"] and not core["second_student"]
+    assert set(core["methods"]) < set(full["methods"]) and full["temperatures"] and full["second_student"]
+
+
+def test_compare_to_none_pairs_seeds_and_computes_the_verdict():
+    summ = {"none": {"seed_mious": [0.30, 0.31, 0.29]}, "mse": {"seed_mious": [0.35, 0.36, 0.345]},
+            "kl": {"seed_mious": [0.31, 0.29, 0.30]}}
+    out = sec.compare_to_none(summ)
+    d = np.array([0.05, 0.05, 0.055])
+    half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert out["mse"]["ci95_low"] == pytest.approx(d.mean() - half) and out["mse"]["verdict"] == "helps"
+    assert out["kl"]["verdict"] == "no detectable difference at this budget"
+    assert "3 training seeds" in out["mse"]["ci_method"]
 
 
 def test_summarize_means_sample_std_and_nan_classes():
@@ -338,26 +369,32 @@ def test_table_rows_one_per_run_with_settings_and_reported_numbers(tmp_path, mon
     monkeypatch.setattr(sec, "model_complexity", lambda model, hw: {"params_m": 1.5, "gmacs": 0.25})
     ctx = _ctx(tmp_path)
 
-    def rec(m):
-        return {"miou": m, "mdice": m + 0.1, "train_seconds": 2.0, "per_class_iou": [m] * len(CLASS_NAMES)}
+    def rec(m, val=None, steps=6):
+        return {"miou": m, "val_miou": m if val is None else val, "mdice": m + 0.1, "train_seconds": 2.0,
+                "per_class_iou": [m] * len(CLASS_NAMES), "split": "test", "train_steps": steps,
+                "train_images": steps * 4, "steps": steps}
 
     sweep = {(1.0, 1.0): rec(0.1), (2.0, 1.0): rec(0.2), (4.0, 1.0): rec(0.15), (2.0, 0.5): rec(0.12),
              (2.0, 2.0): rec(0.11)}
     configs = sec.main_configs(sec.best_kl(sweep))
-    summ = {m: sec.summarize([rec(0.3 + (m == "cwd") * 0.1), rec(0.5)]) for m in configs}
+    summ = {m: sec.summarize([rec(0.3 + (m == "cwd") * 0.1), rec(0.5 + (m == "cwd") * 0.12)]) for m in configs}
     assert sec.best_kd_method(summ) == "cwd"
     second = {"none": rec(0.05), "cwd": rec(0.06)}
-    rows = sec.table_rows(ctx, teacher_scores=rec(0.7), base_scores=rec(0.4), configs=configs, summaries=summ,
-                          sweep=sweep, second=second)
-    assert len(rows) == 2 + len(configs) + len(sweep) + len(second)
+    rows = sec.table_rows(ctx, teacher_scores=rec(0.7, steps=8), base_scores=rec(0.4), configs=configs,
+                          summaries=summ, sweep=sweep, second=second)
+    assert len(rows) == 1 + len(configs) + len(sweep) + len(second)
     assert all(tuple(r)[:len(BASE_COLUMNS)] == BASE_COLUMNS and r["section"] == "distillation" for r in rows)
     assert all(r["params_m"] == 1.5 and r["gmacs"] == 0.25 and r["input_hw"] == "64x64" for r in rows)
     assert all(f"iou_{c}" in r for r in rows for c in RARE_CLASSES)
+    assert all(r["split"] == "test" for r in rows)
     teacher = rows[0]
     assert teacher["model"] == ctx.profile.teacher and math.isnan(teacher["temperature"])
-    assert math.isnan(teacher["teacher_miou"]) and teacher["steps"] == ctx.profile.teacher_steps
+    assert math.isnan(teacher["teacher_miou"]) and teacher["train_steps"] == 8
     by = {(r["model"], r["method"]): r for r in rows}
-    main = {m: by[(sec.MAIN_STUDENT, m)] for m in configs}
+    main = {m: by[(sec.MAIN_STUDENT, m if m != "none" else "none (= section-0 baseline, equal budget)")]
+            for m in configs}
+    # equal budgets in the main comparison, stated in the table
+    assert {(r["train_steps"], r["train_images"]) for r in main.values()} == {(6, 24)}
     assert main["none"]["reported_by_source000_miou"] == 0.5365 and main["mse"]["reported_by_source000_miou"] == 0.6056
     assert math.isnan(main["kl"]["reported_by_source000_miou"])
     assert main["kl"]["miou"] == pytest.approx(0.4) and main["kl"]["seeds"] == 2 and main["kl"]["miou_std"] > 0
@@ -366,5 +403,12 @@ def test_table_rows_one_per_run_with_settings_and_reported_numbers(tmp_path, mon
     assert math.isnan(main["none"]["kd_weight"]) and main["cwd"]["kd_weight"] == sec.CWD_WEIGHT
     assert all(r["teacher_miou"] == 0.7 for r in rows[1:])
     assert by[(sec.SECOND_STUDENT, "cwd")]["temperature"] == sec.CWD_TEMPERATURE
+    # the CI of cwd - none over 2 paired seeds: differences 0.1 and 0.12
+    d = np.array([0.1, 0.12])
+    half = 12.706204736174707 * d.std(ddof=1) / np.sqrt(2)
+    # t(0.975, 1) = 12.7: two seeds cannot exclude 0 here, so the computed verdict is cautious
+    assert main["cwd"]["ci95_low"] == pytest.approx(d.mean() - half)
+    assert main["cwd"]["ci95_low"] < 0 < main["cwd"]["ci95_high"]
+    assert main["cwd"]["verdict"] == main["kl"]["verdict"] == "no detectable difference at this budget"
     text = sec.verdict(ctx, teacher_scores=rec(0.7), base_scores=rec(0.4), summaries=summ, sweep=sweep, second=second)
-    assert "one seed" in text and "T=2, λ=1" in text and "(+0.0100)" in text and "spans 0.1000" in text
+    assert "T=2, λ=1" in text and "spans 0.1000" in text and "**no detectable" in text and "+0.0100" in text

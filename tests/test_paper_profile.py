@@ -70,7 +70,7 @@ def test_paper_is_pretrained_and_runs_on_a_cpu_only_as_a_dry_run():
 
 
 def test_dry_run_context_truncates_evaluation_and_marks_rows(tmp_path):
-    from study.sections import common
+    from study.sections import common, rows
 
     ctx = setup(profile="smoke", build_dir=str(tmp_path / "b"), fast_dev_run=True)
     assert ctx.dry_run and ctx.out_dir == tmp_path / "b" / "smoke-dryrun"
@@ -83,14 +83,15 @@ def test_dry_run_context_truncates_evaluation_and_marks_rows(tmp_path):
     ctx.profile = ctx.profile.replace(eval_batches=2)
     ctx2 = Context(profile=ctx.profile, seed=0, out_dir=tmp_path / "o", cache=ArtifactCache(tmp_path / "c"),
                    data_root=_lpcvc(tmp_path), data_fp="x")
-    _, va = common.loaders(ctx2)
-    assert len(va) == 2 and len(va.dataset) == 16  # 20 val images, 2 batches of 8 kept, in order
-    first = next(iter(common.loaders(Context(**{**ctx2.__dict__, "profile": ctx.profile.replace(eval_batches=0)}))[1]))
+    va = common.eval_loader(ctx2, "test")  # LPCVC layout: the official val split is the test split
+    assert len(va) == 2 and len(va.dataset) == 16  # 20 test images, 2 batches of 8 kept, in order
+    first = next(iter(common.eval_loader(Context(**{**ctx2.__dict__, "profile": ctx.profile.replace(eval_batches=0)}),
+                                         "test")))
     assert torch.equal(next(iter(va))[0], first[0])
-    row = common.table_row(ctx, "baselines", "upernet_resnet18", "x", {"miou": 0.5, "mdice": 0.6},
+    row = rows.table_row(ctx, "baselines", "upernet_resnet18", "x", {"miou": 0.5, "mdice": 0.6},
                            complexity={"params_m": 1.0, "gmacs": 2.0})
     assert tuple(row)[: len(BASE_COLUMNS)] == BASE_COLUMNS and row["dry_run"] is True and row["pretrained"] is False
-    assert common.table_row(full, "baselines", "m", "x", {}, pretrained=True)["dry_run"] is False
+    assert rows.table_row(full, "baselines", "m", "x", {}, pretrained=True)["dry_run"] is False
     # a table without the columns gets them from the context
     base = {c: 0 for c in BASE_COLUMNS} | {"section": "baselines"}
     df = pd.read_csv(ctx.save_table("baselines", pd.DataFrame([base])))
@@ -98,7 +99,7 @@ def test_dry_run_context_truncates_evaluation_and_marks_rows(tmp_path):
 
 
 def test_pretrained_column_and_start_follow_the_weights(tmp_path):
-    from study.sections import common
+    from study.sections import common, rows
 
     wd = tmp_path / "w"
     src = _checkpoint(wd, "resnet18.a1_in1k")
@@ -111,14 +112,14 @@ def test_pretrained_column_and_start_follow_the_weights(tmp_path):
     assert not common.build("upernet_resnet18", prof, pretrained=False).pretrained
     ctx = Context(profile=prof, seed=0, out_dir=tmp_path / "o", cache=ArtifactCache(tmp_path / "c"),
                   data_root=tmp_path, data_fp="x")
-    row = common.table_row(ctx, "bilevel_search", "topformer_t", "dense", {}, complexity={})
+    row = rows.table_row(ctx, "bilevel_search", "topformer_t", "dense", {}, complexity={})
     assert row["pretrained"] is False  # registry name: its own start, not the profile's
-    assert common.table_row(ctx, "baselines", "mobilevit_s (KD)", "kd", {}, complexity={})["pretrained"] is True
-    assert common.table_row(ctx, "baselines", "x", "y", {}, model=m, input_hw=(32, 32))["pretrained"] is True
+    assert rows.table_row(ctx, "baselines", "mobilevit_s (KD)", "kd", {}, complexity={})["pretrained"] is True
+    assert rows.table_row(ctx, "baselines", "x", "y", {}, model=m, input_hw=(32, 32))["pretrained"] is True
 
 
 def test_trained_model_from_pretrained_encoder_in_a_dry_run(tmp_path):
-    from study.sections import common
+    from study.sections import common, rows
 
     wd = tmp_path / "w"
     _checkpoint(wd, "resnet18.a1_in1k")

@@ -21,8 +21,10 @@ import torch.nn as nn
 
 from .. import CLASS_NAMES, RARE_CLASSES
 from ..data import LPCVCDataset, class_frequencies, load_split_arrays, val_transform
+from ..metrics import SegmentationMeter
 from ..models import list_models, model_complexity
-from .common import build, start_label, table_row, train_config, trained_model
+from .common import build, start_label, train_config, trained_model
+from .rows import table_row
 from .measure import LatencyPlan
 
 SECTION = "baselines"
@@ -38,9 +40,21 @@ def model_names(profile) -> list[str]:
 
 
 def class_frequency(ctx) -> pd.DataFrame:
-    """Pixel share (fraction in [0, 1]) of each class, index :data:`study.CLASS_NAMES`, columns train / val."""
-    return pd.DataFrame({"train": class_frequencies(ctx.data_root, "train"),
-                         "val": class_frequencies(ctx.data_root, "val")}, index=CLASS_NAMES)
+    """Pixel share (fraction in [0, 1]) of each class, index :data:`study.CLASS_NAMES`, columns train / val / test."""
+    return pd.DataFrame({sp: class_frequencies(ctx.data_root, sp) for sp in ("train", "val", "test")},
+                        index=CLASS_NAMES)
+
+
+def background_floor(ctx, split: str = "val") -> float:
+    """mIoU of a model that predicts background everywhere on ``split`` (the learning curves' floor).
+
+    Returns:
+        mIoU (0-1) over the classes present in the split (:class:`study.metrics.SegmentationMeter`).
+    """
+    _, masks = load_split_arrays(ctx.data_root, split, ctx.profile.image_size)
+    meter = SegmentationMeter()
+    meter.update(np.zeros_like(masks), masks)
+    return float(meter.compute()["miou"])
 
 
 def zoo_rows(ctx) -> list[dict]:
@@ -63,13 +77,14 @@ def table_rows(ctx, trained: Mapping[str, tuple[nn.Module, dict]]) -> list[dict]
 
     Columns after :data:`study.BASE_COLUMNS` (``params_m`` / ``gmacs`` at ``image_size``):
     ``role`` (teacher / student), ``pixel_acc``, ``gmacs_tp``, ``latency_ms_p50`` and
-    ``latency_ms_p99`` (ms, PyTorch eager on this machine's CPU, batch 1), followed by the
+    ``latency_ms_p99`` (ms, PyTorch eager on this machine's CPU, batch 1), ``steps``,
+    ``val_miou`` (the validation score), ``miou_last_quarter_gain`` (final validation mIoU
+    minus its value at 75 % of training: > 0 means still learning), followed by the
     protocol's columns for torch (:func:`.measure.latency_columns`: ``threads``, ``rounds``,
     the p50's 95 % interval, CV, peak RSS of the measuring process, load time,
     ``gmacs_per_s_torch``, ``pct_of_peak_torch``); all models are measured together by one
     :meth:`.measure.LatencyPlan.measure` (files under ``<out_dir>/latency/baselines``),
-    ``train_seconds`` (s),
-    ``train_steps``, ``iou_<class>`` for every class, ``reported_by_source000_miou`` and
+    ``train_seconds`` (s), ``iou_<class>`` for every class (test), ``reported_by_source000_miou`` and
     ``reported_by_source000_params_m`` (NaN unless source 000 reports the model).
 
     Args:
@@ -90,8 +105,9 @@ def table_rows(ctx, trained: Mapping[str, tuple[nn.Module, dict]]) -> list[dict]
             ctx, SECTION, name, _trained_label(name, prof), s, complexity=lat, input_hw=hw,
             role="teacher" if name == prof.teacher else "student", pixel_acc=s["pixel_acc"],
             gmacs_tp=lat["gmacs_tp"], latency_ms_p50=lat["latency_ms_p50_torch"],
-            latency_ms_p99=lat["latency_ms_p99_torch"], **lat["columns"],
-            train_seconds=s["train_seconds"], train_steps=train_config(ctx, name).steps,
+            latency_ms_p99=lat["latency_ms_p99_torch"], steps=s["steps"], val_miou=s["val_miou"],
+            miou_last_quarter_gain=s["miou_last_quarter_gain"], **lat["columns"],
+            train_seconds=s["train_seconds"],
             **{f"iou_{k}": v for k, v in zip(CLASS_NAMES, s["per_class_iou"])},
             reported_by_source000_miou=reported.get("miou", np.nan),
             reported_by_source000_params_m=reported.get("params_m", np.nan)))
@@ -99,7 +115,7 @@ def table_rows(ctx, trained: Mapping[str, tuple[nn.Module, dict]]) -> list[dict]
 
 
 def per_class_iou(table: pd.DataFrame) -> pd.DataFrame:
-    """Validation IoU per class: rows = models, columns = :data:`study.CLASS_NAMES` (from the table)."""
+    """Test IoU per class: rows = models, columns = :data:`study.CLASS_NAMES` (from the table)."""
     iou = table.set_index("model")[[f"iou_{k}" for k in CLASS_NAMES]]
     iou.columns = list(CLASS_NAMES)
     return iou
@@ -107,15 +123,15 @@ def per_class_iou(table: pd.DataFrame) -> pd.DataFrame:
 
 @torch.inference_mode()
 def predictions(ctx, trained: Mapping[str, tuple[nn.Module, dict]], n: int = 4):
-    """The first ``n`` validation images, their masks and each model's predicted label maps.
+    """The first ``n`` test images, their masks and each model's predicted label maps.
 
     Returns:
         ``(images uint8 (n, H, W, 3), masks uint8 (n, H, W), {name: int64 (n, H, W)})`` at
         ``image_size``.
     """
     size = ctx.profile.image_size
-    images, masks = load_split_arrays(ctx.data_root, "val", size, limit=n)
-    ds = LPCVCDataset(ctx.data_root, "val", transform=val_transform(size))
+    images, masks = load_split_arrays(ctx.data_root, "test", size, limit=n)
+    ds = LPCVCDataset(ctx.data_root, "test", transform=val_transform(size))
     x = torch.stack([ds[i][0] for i in range(len(images))]).to(ctx.device)
     preds = {name: model(x).argmax(1).cpu().numpy() for name, (model, _) in trained.items()}
     return images, masks, preds
@@ -129,9 +145,11 @@ def verdict(ctx, table: pd.DataFrame) -> str:
     gap = teacher["miou"] - student["miou"]
     rare = ", ".join(f"{k} {student[f'iou_{k}']:.3f}" for k in RARE_CLASSES)
     reported = REPORTED_BY_SOURCE000[MAIN_STUDENT]
+    lq = ", ".join(f"{m} {t.loc[m, 'miou_last_quarter_gain']:+.4f}" for m in t.index)
     return "\n".join([
-        f"- The teacher ({prof.teacher}) reaches mIoU **{teacher['miou']:.4f}** against the MobileViT-S student's "
-        f"**{student['miou']:.4f}**: a gap of **{gap:+.4f}** "
+        f"- On the **test** split the teacher ({prof.teacher}, {int(teacher['train_steps'])} steps) reaches mIoU "
+        f"**{teacher['miou']:.4f}** against the MobileViT-S student's **{student['miou']:.4f}** "
+        f"({int(student['train_steps'])} steps): a gap of **{gap:+.4f}** "
         + ("(the teacher is better, so KD has something to transfer)." if gap > 0 else
            "(**the teacher is not better**: knowledge distillation has nothing to transfer in this profile; "
            "see the distillation section)."),
@@ -139,6 +157,8 @@ def verdict(ctx, table: pd.DataFrame) -> str:
         f"{student['gmacs']:.3f} GMACs at {prof.image_size}px; the teacher costs "
         f"{teacher['gmacs'] / student['gmacs']:.1f}x as much compute.",
         f"- Rare classes for the student: {rare} IoU.",
+        f"- Still learning? Validation mIoU gained in the last quarter of training: {lq} "
+        "(see the learning curves; a gain near 0 means the budget was long enough for this schedule).",
         f"- Source 000 reports mIoU {reported['miou']} for its MobileViT student on real LPCVC with ImageNet-pretrained "
         f"weights; our {student['miou']:.4f} is on "
         f"{'the embedded generated data' if ctx.generated_data else 'the given data'}, "
@@ -147,7 +167,7 @@ def verdict(ctx, table: pd.DataFrame) -> str:
     ])
 
 
-__all__ = ["SECTION", "MAIN_STUDENT", "REPORTED_BY_SOURCE000", "model_names", "class_frequency", "zoo_rows",
+__all__ = ["background_floor", "SECTION", "MAIN_STUDENT", "REPORTED_BY_SOURCE000", "model_names", "class_frequency", "zoo_rows",
            "table_rows", "per_class_iou", "predictions", "verdict", "trained_model"]
 
 

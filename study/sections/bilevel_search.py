@@ -39,7 +39,8 @@ from .. import bilevel
 from ..models import create_model, gmacs, model_fingerprint
 from ..profiles import Profile
 from ..train import evaluate, seed_everything
-from .common import cached, finetune, loaders, table_row, trained_model
+from .common import cached, finetune, loaders, trained_model
+from .rows import table_row
 
 SECTION = "bilevel_search"
 #: ``method`` values of :func:`compress`.

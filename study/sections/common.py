@@ -23,12 +23,27 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .. import BASE_COLUMNS, NUM_CLASSES
+from .. import NUM_CLASSES
 from ..cache import make_key
-from ..data import make_loaders
-from ..models import (PRETRAINED_ENCODERS, TOPFORMER_CHECKPOINTS, WeightsError, create_model, list_models,
-                      model_complexity, model_fingerprint, pretrained_weights_file)
-from ..train import LossFn, TrainConfig, evaluate, launch_job, seed_everything, train, write_job
+from ..data import make_eval_loader, make_loaders
+from ..metrics import confusion_matrix
+from ..models import (PRETRAINED_ENCODERS, TOPFORMER_CHECKPOINTS, WeightsError, create_model, model_fingerprint,
+                      pretrained_weights_file)
+from ..train import LossFn, TrainConfig, evaluate, last_quarter_gain, launch_job, seed_everything, train, write_job
+
+#: Training-speed modes per model, chosen by measurement (``benchmarks/bench_train_speed.py``,
+#: recorded in ``benchmarks/results/train_speed-2026-11-28.txt``: 2-core AMD EPYC with AVX-512
+#: BF16, idle, 96 px, batch 8, 2 threads, interleaved rounds). Speed-up over fp32 contiguous:
+#: MobileViT-S UPerNet channels_last 1.16x, bf16 1.23x, both 1.40x; ResNet-18 UPerNet
+#: channels_last 1.00x, bf16 1.33x, both 1.37x; Swin-V2-T UPerNet channels_last 1.02x,
+#: bf16 1.51x, both 1.54x. bf16 applies only on a CPU (:class:`study.train.TrainConfig`);
+#: models not listed train in fp32, contiguous. Whether bf16 changes what a model learns is
+#: checked by ``benchmarks/bench_bf16_levels.py``.
+TRAIN_MODES = {
+    "upernet_mobilevit_s": {"channels_last": True, "bf16": True},
+    "upernet_resnet18": {"channels_last": True, "bf16": True},
+    "upernet_swinv2_t": {"channels_last": True, "bf16": True},
+}
 
 
 def _full_config(ctx, config: dict) -> dict:
@@ -72,6 +87,44 @@ def loaders(ctx, batch_size: int | None = None, seed: int | None = None):
         va = torch.utils.data.DataLoader(torch.utils.data.Subset(va.dataset, range(n * va.batch_size)),
                                          batch_size=va.batch_size, shuffle=False, drop_last=False)
     return tr, va
+
+
+def eval_loader(ctx, split: str = "test"):
+    """Fixed-order loader of ``split`` (``"val"`` for choices, ``"test"`` for reported numbers).
+
+    Batches of 8 at ``image_size``; with ``profile.eval_batches`` > 0 (a ``--fast-dev-run``)
+    only the first ``eval_batches`` batches. See :func:`study.data.split_pairs` for where
+    the splits come from.
+    """
+    ld = make_eval_loader(ctx.data_root, ctx.profile, split)
+    n = int(getattr(ctx.profile, "eval_batches", 0) or 0)
+    if n > 0 and len(ld.dataset) > n * ld.batch_size:
+        ld = torch.utils.data.DataLoader(torch.utils.data.Subset(ld.dataset, range(n * ld.batch_size)),
+                                         batch_size=ld.batch_size, shuffle=False, drop_last=False)
+    return ld
+
+
+def test_scores(ctx, model: nn.Module) -> dict:
+    """:func:`study.train.evaluate` of ``model`` on the test split plus ``split = "test"``."""
+    return {**evaluate(model, eval_loader(ctx, "test"), progress=False), "split": "test"}
+
+
+@torch.inference_mode()
+def test_confusions(ctx, model: nn.Module, split: str = "test"):
+    """Per-image confusion matrices of ``model`` on ``split``: int64 array ``(N, C, C)``.
+
+    The input of :func:`study.metrics.bootstrap_miou_diff` (paired bootstrap over test
+    images, for comparisons made with one training seed).
+    """
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for x, y in eval_loader(ctx, split):
+        pred = model(x.to(dev)).argmax(1).cpu().numpy()
+        out += [confusion_matrix(p, t, NUM_CLASSES) for p, t in zip(pred, y.numpy())]
+    import numpy as np
+
+    return np.stack(out).astype(np.int64)
 
 
 def bench_kwargs(ctx) -> dict:
@@ -145,7 +198,8 @@ def train_config(ctx, name: str, steps: int | None = None) -> TrainConfig:
     if steps is None:
         steps = p.teacher_steps if name == p.teacher else p.student_steps
     return TrainConfig(steps=steps, lr=p.lr, eval_every=p.eval_every,
-                       ohem_min_kept=max(256, p.batch_size * p.crop_size * p.crop_size // 16))
+                       ohem_min_kept=max(256, p.batch_size * p.crop_size * p.crop_size // 16),
+                       **TRAIN_MODES.get(name, {}))
 
 
 def distributed(ctx) -> bool:
@@ -160,7 +214,9 @@ def train_cached(ctx, tag: str, build_fn: Callable[[], nn.Module], cfg: TrainCon
 
     The key covers ``tag``, ``cfg``, the profile, the seed, the data fingerprint,
     ``extra_key`` and the import closure of this module and ``modules``. The record holds
-    ``state_dict``, ``scores`` (see :func:`study.train.evaluate`, on val) and ``history``.
+    ``state_dict``, ``scores`` (see :func:`study.train.evaluate`, on val: for choices),
+    ``test_scores`` (the same on test: for reported numbers) and ``history`` (``loss``,
+    ``evals`` - the validation learning curve - and ``seconds``).
 
     With ``ctx.nproc * ctx.nnodes > 1`` (:func:`distributed`) the training is a
     ``torchrun`` job: this process seeds and builds the initial model, builds the loaders
@@ -189,7 +245,8 @@ def train_cached(ctx, tag: str, build_fn: Callable[[], nn.Module], cfg: TrainCon
         hist = train(model, tr, va, TrainConfig(**{**asdict(cfg), "log_csv": str(log)}), loss_fn=loss_fn, desc=tag)
         scores = evaluate(model, va, progress=False)
         return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "scores": scores, "history": {k: hist[k] for k in ("loss", "evals", "seconds")}}
+                "scores": scores, "test_scores": test_scores(ctx, model),
+                "history": {k: hist[k] for k in ("loss", "evals", "seconds")}}
 
     def compute_distributed():
         world = int(ctx.nproc) * int(ctx.nnodes)
@@ -216,7 +273,26 @@ def train_cached(ctx, tag: str, build_fn: Callable[[], nn.Module], cfg: TrainCon
     model = build_fn()
     model.load_state_dict(rec["state_dict"])
     model.to(ctx.device).eval()
+    if "test_scores" not in rec:  # written by a torchrun job (rank 0 scores on val only)
+        rec = {**rec, "test_scores": test_scores(ctx, model)}
     return model, rec
+
+
+def record_scores(rec: dict, steps: int, batch_size: int) -> dict:
+    """The reported view of a :func:`train_cached` record: test scores plus the training facts.
+
+    Returns:
+        the ``test_scores`` (``miou``, ``mdice``, ``per_class_iou``..., ``split = "test"``)
+        with ``val_miou`` (the selection score), ``train_seconds`` (s), ``steps`` and
+        ``train_steps`` (optimizer steps), ``train_images`` (``steps * batch_size``),
+        ``curve`` (the validation learning curve: list of ``{step, miou, mdice}``) and
+        ``miou_last_quarter_gain`` (:func:`study.train.last_quarter_gain`).
+    """
+    evals = rec["history"].get("evals", [])
+    return {**rec["test_scores"], "split": "test", "val_miou": rec["scores"]["miou"],
+            "train_seconds": rec["history"]["seconds"], "steps": int(steps), "train_steps": int(steps),
+            "train_images": int(steps) * int(batch_size), "curve": list(evals),
+            "miou_last_quarter_gain": last_quarter_gain(evals, steps)}
 
 
 def trained_model(ctx, name: str, steps: int | None = None, seed: int | None = None) -> tuple[nn.Module, dict]:
@@ -233,30 +309,37 @@ def trained_model(ctx, name: str, steps: int | None = None, seed: int | None = N
         seed: override the context seed.
 
     Returns:
-        ``(model in eval mode, scores)`` with scores as returned by
-        :func:`study.train.evaluate` plus ``train_seconds`` and ``pretrained`` (bool).
+        ``(model in eval mode, scores)``: :func:`record_scores` (test scores, ``val_miou``,
+        ``steps``, ``train_steps``, ``train_images``, ``curve``, ``miou_last_quarter_gain``,
+        ``train_seconds``) plus ``pretrained`` (bool).
     """
     cfg = train_config(ctx, name, steps)
     pre = uses_pretrained(name, ctx.profile)
     model, rec = train_cached(ctx, f"baseline-{name}", lambda: build(name, ctx.profile), cfg, seed=seed,
                               extra_key={"start": start_label(name, ctx.profile)} if pre else None)
-    return model, {**rec["scores"], "train_seconds": rec["history"]["seconds"], "pretrained": pre}
+    return model, {**record_scores(rec, cfg.steps, ctx.profile.batch_size), "pretrained": pre}
 
 
 def finetune(ctx, model: nn.Module, steps: int, loss_fn: LossFn | None = None, lr: float | None = None,
-             progress: bool = True, desc: str = "finetune", train_loader=None) -> dict:
+             progress: bool = True, desc: str = "finetune", train_loader=None, curve_points: int = 0) -> dict:
     """Recovery fine-tune of ``model`` in place (not cached; callers cache the result).
 
     A quarter of the profile's peak learning rate, a warm-up of 10 % of ``steps``, the
     training loss and data of the profile. ``train_loader`` (a loader or a
-    :class:`study.data.BatchStream`) replaces the context's train loader. Returns the
+    :class:`study.data.BatchStream`) replaces the context's train loader. With
+    ``curve_points`` > 0 the model is scored on the val split that many times, evenly
+    spaced (the recovery's learning curve, ``history["evals"]``). Returns the
     :func:`study.train.train` history.
     """
     if steps <= 0:
         return {"loss": [], "evals": [], "seconds": 0.0}
     tr = train_loader if train_loader is not None else loaders(ctx)[0]
     cfg = finetune_config(ctx, steps, lr)
-    return train(model, tr, None, cfg, loss_fn=loss_fn, progress=progress, desc=desc)
+    va = None
+    if curve_points > 0:
+        cfg.eval_every = max(1, steps // int(curve_points))
+        va = eval_loader(ctx, "val")
+    return train(model, tr, va, cfg, loss_fn=loss_fn, progress=progress, desc=desc)
 
 
 def finetune_config(ctx, steps: int, lr: float | None = None) -> TrainConfig:
@@ -269,52 +352,7 @@ def finetune_config(ctx, steps: int, lr: float | None = None) -> TrainConfig:
     return cfg
 
 
-def table_row(ctx, section: str, model_name: str, method: str, scores: dict, *, model: nn.Module | None = None,
-              complexity: dict | None = None, input_hw: Sequence[int] | None = None, **extra) -> dict:
-    """One table row with the required columns (:data:`study.BASE_COLUMNS`) first.
 
-    Args:
-        ctx: the notebook's context (gives the default ``input_hw``: the profile's crop).
-        section: the section the table belongs to.
-        model_name, method: what the row measures.
-        scores: dict with ``miou`` and ``mdice`` (NaN when absent).
-        model: measured for ``params_m`` and ``gmacs`` (:func:`study.models.model_complexity`)
-            unless ``complexity`` (a dict with those keys) is given.
-        input_hw: ``(H, W)`` px of the MACs count and of the ``input_hw`` column.
-        extra: the section's own columns, in order. ``pretrained=`` overrides the
-            ``pretrained`` column.
-
-    Returns:
-        dict ready for ``pandas.DataFrame``: the base columns, ``extra``, then
-        ``pretrained`` (bool: the encoder started from ImageNet weights - ``extra``'s value,
-        else ``model.pretrained``, else :func:`uses_pretrained` when ``model_name`` is a
-        registry name, else ``ctx.profile.pretrained``) and ``dry_run`` (bool: a
-        ``--fast-dev-run``, whose numbers are not results).
-    """
-    hw = tuple(input_hw or (ctx.profile.crop_size, ctx.profile.crop_size))
-    if complexity is None and model is not None:
-        complexity = model_complexity(model, hw)
-    complexity = complexity or {}
-    nan = float("nan")
-    row = {"section": section, "model": model_name, "method": method, "input_hw": f"{hw[0]}x{hw[1]}",
-           "params_m": complexity.get("params_m", nan), "gmacs": complexity.get("gmacs", nan),
-           "miou": scores.get("miou", nan), "mdice": scores.get("mdice", nan)}
-    assert tuple(row) == BASE_COLUMNS
-    pretrained = extra.pop("pretrained", None)
-    if pretrained is None and model is not None and hasattr(model, "pretrained"):
-        pretrained = model.pretrained
-    if pretrained is None and model_name in _REGISTERED:
-        pretrained = uses_pretrained(model_name, ctx.profile)
-    if pretrained is None:
-        pretrained = bool(ctx.profile.pretrained)
-    row.update(extra)
-    row["pretrained"] = bool(pretrained)
-    row["dry_run"] = bool(getattr(ctx.profile, "dry_run", False))
-    return row
-
-
-_REGISTERED = frozenset(list_models())
-
-__all__ = ["cached", "is_cached", "finetune_config", "loaders", "bench_kwargs", "build", "model_kwargs",
+__all__ = ["TRAIN_MODES", "eval_loader", "test_scores", "record_scores", "cached", "is_cached", "finetune_config", "loaders", "bench_kwargs", "build", "model_kwargs",
            "uses_pretrained", "start_label", "distributed", "train_config", "train_cached", "trained_model",
-           "finetune", "table_row", "model_fingerprint"]
+           "finetune", "model_fingerprint", "test_confusions"]

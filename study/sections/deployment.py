@@ -32,7 +32,8 @@ from ..cache import make_key
 from ..data import LPCVCDataset, val_transform
 from ..models import model_complexity, model_fingerprint
 from ..train import seed_everything
-from .common import build, cached, finetune, loaders, table_row
+from .common import build, cached, finetune, loaders
+from .rows import table_row
 
 SECTION = "deployment"
 #: The student that is deployed (source 000's UPerNet + MobileViT-S).

@@ -25,9 +25,18 @@ import torch.nn as nn
 
 from .. import CLASS_NAMES, RARE_CLASSES
 from ..cache import atomic_write_text
-from ..distill import FeatureAdapters, KDConfig, KDStudent, make_kd_loss
+from ..data import batch_stream
+from ..distill import FeatureAdapters, KDConfig, KDStudent, make_kd_loss, teacher_targets
+from ..metrics import paired_seed_ci, verdict as ci_verdict
 from ..models import model_complexity, model_fingerprint
-from .common import build, table_row, train_cached, train_config, trained_model
+from .common import (build, cached, distributed, loaders, record_scores, train_cached, train_config,
+                     trained_model)
+from .rows import table_row
+
+#: What the KD results are keyed on besides :mod:`study.sections.common` (which
+#: :func:`study.sections.common.train_cached` adds): the losses and stored teacher targets.
+#: This module's tables and verdicts are not part of the key, so editing them never retrains.
+KEY_MODULES = ["study.distill"]
 
 SECTION = "distillation"
 #: The student of the main comparison and of every later section.
@@ -52,49 +61,66 @@ REPORTED_BY_SOURCE000 = {"none": 0.5365, "mse": 0.6056}
 # --------------------------------------------------------------------------- plan
 
 def kd_steps(profile) -> int:
-    """Training steps of every KD run of notebook 01 (and of "none" at equal budget).
+    """Training steps of every KD run of notebook 01: the no-KD control's, ``student_steps``.
 
-    ``profile.extra["kd_steps"]`` if set; else ``student_steps`` for ``smoke`` and
-    ``paper`` and ``student_steps // 3`` for ``cpu`` (a KD step also runs the Swin
-    teacher forward, ~2-3x the cost of a student step on 2 CPU cores, and the section
-    trains ~20 students).
+    KD runs train exactly as long as the control they are compared with (issue #13); the
+    control of seed ``s`` *is* the section-0 baseline of seed ``s`` (same code, data order
+    and budget; one cache entry). ``profile.extra["kd_steps"]`` overrides (the dry run).
     """
     if "kd_steps" in (profile.extra or {}):
         return int(profile.extra["kd_steps"])
-    return profile.student_steps // 3 if profile.name == "cpu" else profile.student_steps
+    return int(profile.student_steps)
 
 
-def sweep_plan(profile) -> dict:
+#: Fixed a priori for the core comparison (no tuning on the run's data): Hinton et al.'s
+#: usual T=2 with weight 1.
+CORE_KL = KDConfig("kl", 2.0, 1.0)
+
+
+def sweep_plan(profile, full_grid: bool = False) -> dict:
     """What notebook 01 trains for ``profile`` (deterministic, so other code can reproduce it).
 
-    1. KL temperature sweep: ``KDConfig("kl", T, 1.0)`` for T in :data:`SWEEP_TEMPERATURES`
-       (context seed); 2. KL weight sweep at the best T: weights :data:`SWEEP_WEIGHTS`;
-       3. main comparison over ``profile.seeds``: none, best KL, MSE (weight 1, source 000),
-       KL + FitNets hints (best KL + :data:`FEAT_WEIGHT`), CWD (T=4, weight 3); 4. ResNet-18
-       student: none and the best KD method of step 3 (context seed only).
-    Every run trains :func:`kd_steps` steps.
+    Core (every profile): over ``profile.seeds``, the no-KD control ("none") and source
+    000's KD (the logit MSE of its code, weight 1) - the claim under test. On ``cpu`` each
+    arm costs ~8 min per seed at the budget that gives a student worth distilling, so the
+    rest is ``full_grid`` (``--full-grid``): 1. the KL temperature sweep
+    ``KDConfig("kl", T, 1.0)`` for T in :data:`SWEEP_TEMPERATURES` and 2. the weight sweep
+    :data:`SWEEP_WEIGHTS` at the best T (context seed; chosen on **val**; without the sweep
+    KL would use :data:`CORE_KL`); 3. KL, KL + FitNets hints and CWD (T=4, weight 3) over the
+    seeds; 4. the ResNet-18 student, none and the chosen KD method (context seed). Every run
+    trains :func:`kd_steps` steps.
+
+    Returns:
+        dict: ``steps``, ``seeds``, ``full_grid``, ``methods`` (labels of the main
+        comparison), ``temperatures`` / ``weights`` (empty without the full grid),
+        ``second_student`` (bool).
     """
-    return {"steps": kd_steps(profile), "temperatures": SWEEP_TEMPERATURES, "weights": SWEEP_WEIGHTS,
-            "seeds": tuple(profile.seeds), "cwd": KDConfig("cwd", CWD_TEMPERATURE, CWD_WEIGHT),
-            "mse": KDConfig("mse", 1.0, 1.0), "feat_weight": FEAT_WEIGHT}
+    full = bool(full_grid)
+    return {"steps": kd_steps(profile), "seeds": tuple(profile.seeds), "full_grid": full,
+            "methods": ("none", "kl", "mse", "kl+feat", "cwd") if full else ("none", "mse"),
+            "temperatures": SWEEP_TEMPERATURES if full else (), "weights": SWEEP_WEIGHTS if full else (),
+            "second_student": full, "feat_weight": FEAT_WEIGHT}
 
 
-def main_configs(best_kl: KDConfig) -> dict:
-    """Method label -> :class:`KDConfig` of the main comparison, given the best KL setting."""
-    return {"none": KDConfig("none"), "kl": best_kl, "mse": KDConfig("mse", 1.0, 1.0),
-            "kl+feat": KDConfig("kl+feat", best_kl.temperature, best_kl.kd_weight, FEAT_WEIGHT),
-            "cwd": KDConfig("cwd", CWD_TEMPERATURE, CWD_WEIGHT)}
+def main_configs(best_kl: KDConfig = CORE_KL, methods: Sequence[str] = ("none", "kl", "mse", "kl+feat", "cwd")) -> dict:
+    """Method label -> :class:`KDConfig` of the main comparison, given the KL setting."""
+    every = {"none": KDConfig("none"), "kl": best_kl, "mse": KDConfig("mse", 1.0, 1.0),
+             "kl+feat": KDConfig("kl+feat", best_kl.temperature, best_kl.kd_weight, FEAT_WEIGHT),
+             "cwd": KDConfig("cwd", CWD_TEMPERATURE, CWD_WEIGHT)}
+    return {m: every[m] for m in methods}
 
 
 def best_kl(sweep: Mapping[tuple, dict]) -> KDConfig:
-    """The KL setting of the sweep ``{(T, weight): record}`` with the highest mIoU (first on ties)."""
-    t, w = max(sweep, key=lambda k: sweep[k]["miou"])
+    """The KL setting of the sweep ``{(T, weight): record}`` with the highest **validation**
+    mIoU (``val_miou``; first on ties)."""
+    t, w = max(sweep, key=lambda k: sweep[k]["val_miou"])
     return KDConfig("kl", t, w)
 
 
 def best_kd_method(summaries: Mapping[str, dict]) -> str:
-    """The KD method (not ``"none"``) with the highest mean mIoU (first in order on ties)."""
-    return max((m for m in summaries if m != "none"), key=lambda m: summaries[m]["miou"])
+    """The KD method (not ``"none"``) with the highest mean **validation** mIoU (``val_miou``;
+    first in order on ties)."""
+    return max((m for m in summaries if m != "none"), key=lambda m: summaries[m]["val_miou"])
 
 
 # --------------------------------------------------------------------------- cached runs
@@ -159,10 +185,17 @@ def distill_student(ctx, student: str = MAIN_STUDENT, cfg: KDConfig | None = Non
     seed = ctx.seed if seed is None else seed
     steps = kd_steps(ctx.profile) if steps is None else int(steps)
     tcfg = train_config(ctx, student, steps)
+    if cfg.method == "none" and steps == train_config(ctx, student).steps:
+        # the equal-budget control IS the section-0 baseline of this seed (one cache entry)
+        model, rec = trained_model(ctx, student, seed=seed)
+        return model, {**rec, "kd": asdict(cfg), "seed": seed, "teacher_miou": float("nan"),
+                       "teacher_targets": "none"}
     tmodel, tscores, tident = (None, {"miou": float("nan")}, None)
     if cfg.method != "none":
         tmodel, tscores, tident = _teacher_entry(ctx)
     use_feat = cfg.method == "kl+feat"
+    replay = cfg.method != "none" and not use_feat and not distributed(ctx)
+    targets = teacher_outputs(ctx, seed, steps, bf16=tcfg.bf16) if replay else None
 
     def build_fn():
         s = build(student, ctx.profile)
@@ -171,17 +204,41 @@ def distill_student(ctx, student: str = MAIN_STUDENT, cfg: KDConfig | None = Non
         return KDStudent(s, FeatureAdapters(s.feature_channels, tmodel.feature_channels))
 
     def factory():
-        return make_kd_loss(tmodel, cfg, train_cfg=tcfg)
+        return make_kd_loss(tmodel, cfg, train_cfg=tcfg, targets=targets)
 
     model, rec = train_cached(ctx, f"kd-{student}-{cfg.tag}", build_fn, tcfg, loss_fn_factory=factory,
                               seed=seed, extra_key={"kd": asdict(cfg), "student": student, "teacher": tident},
-                              modules=[__name__])
+                              modules=KEY_MODULES)
     if isinstance(model, KDStudent):
         model = model.student
     model.to(ctx.device).eval()
-    record = {**rec["scores"], "train_seconds": rec["history"]["seconds"], "history": rec["history"],
-              "kd": asdict(cfg), "steps": steps, "seed": seed, "teacher_miou": tscores["miou"]}
+    record = {**record_scores(rec, steps, ctx.profile.batch_size), "history": rec["history"],
+              "kd": asdict(cfg), "seed": seed, "teacher_miou": tscores["miou"],
+              "teacher_targets": "stored (fp16, decoder resolution)" if targets is not None else "live teacher"}
     return model, record
+
+
+def teacher_outputs(ctx, seed: int, steps: int, bf16: bool = False) -> dict:
+    """The teacher's logits on the first ``steps`` training batches of ``seed`` (cached).
+
+    Every KD run of one seed trains on the same batch stream (the loader is seeded), so the
+    teacher's forward pass is paid once per seed, not once per KD configuration:
+    :func:`study.distill.teacher_targets` over ``loaders(ctx, seed=seed)``, float16 logits at
+    the decoder's resolution (1/4 of the input side) plus a checksum of every batch, which
+    the KD loss checks when it replays them. Keyed by the teacher's weights
+    (:func:`study.models.model_fingerprint`), ``seed``, ``steps`` and ``bf16``.
+
+    Returns:
+        the :func:`study.distill.teacher_targets` dict.
+    """
+    tmodel, _, tident = _teacher_entry(ctx)
+
+    def compute():
+        tr, _ = loaders(ctx, seed=seed)
+        return teacher_targets(tmodel, batch_stream(tr), steps, bf16=bf16)
+
+    return cached(ctx, "teacher-targets", {"teacher": tident, "steps": int(steps), "bf16": bool(bf16)}, compute,
+                  modules=["study.sections.common", *KEY_MODULES], seed=seed)
 
 
 def choice_path(ctx):
@@ -234,9 +291,11 @@ def summarize(records: Sequence[dict], class_names: Sequence[str] = CLASS_NAMES)
         class_names: names of the classes in ``per_class_iou`` order.
 
     Returns:
-        dict with ``miou``, ``miou_std`` (sample std, ddof=1; NaN for one run), ``mdice``,
-        ``seeds`` (count), ``train_seconds`` (mean, s), ``per_class_iou`` (nan-mean per
-        class, list) and ``iou_<class>`` for every class.
+        dict with ``miou`` (test, mean), ``miou_std`` (sample std, ddof=1; NaN for one run),
+        ``val_miou`` (mean: the selection score), ``mdice``, ``seeds`` (count),
+        ``seed_mious`` (test mIoU per run, in order), ``train_seconds`` (mean, s),
+        ``train_steps``, ``train_images``, ``split`` (``"test"``), ``per_class_iou``
+        (nan-mean per class, list) and ``iou_<class>`` for every class.
     """
     m = np.array([r["miou"] for r in records], float)
     pc = np.array([r["per_class_iou"] for r in records], float)
@@ -244,10 +303,42 @@ def summarize(records: Sequence[dict], class_names: Sequence[str] = CLASS_NAMES)
         warnings.simplefilter("ignore", RuntimeWarning)
         pcm = np.nanmean(pc, axis=0)
     out = {"miou": float(m.mean()), "miou_std": float(m.std(ddof=1)) if len(m) > 1 else float("nan"),
+           "val_miou": float(np.mean([r.get("val_miou", np.nan) for r in records])),
            "mdice": float(np.mean([r["mdice"] for r in records])), "seeds": len(records),
+           "seed_mious": [float(x) for x in m],
            "train_seconds": float(np.mean([r["train_seconds"] for r in records])),
+           "train_steps": records[0].get("train_steps", np.nan), "train_images": records[0].get("train_images", np.nan),
+           "split": records[0].get("split", "test"),
+           "miou_last_quarter_gain": float(np.nanmean([r.get("miou_last_quarter_gain", np.nan) for r in records]))
+           if any(np.isfinite(r.get("miou_last_quarter_gain", np.nan)) for r in records) else float("nan"),
            "per_class_iou": [float(x) for x in pcm]}
     out.update({f"iou_{c}": float(v) for c, v in zip(class_names, pcm)})
+    return out
+
+
+def compare_to_none(summaries: Mapping[str, dict]) -> dict:
+    """Test-mIoU difference of every KD method to the no-KD control, with a 95 % interval.
+
+    Paired by seed (:func:`study.metrics.paired_seed_ci`: Student-t over the per-seed
+    differences) when both arms have >= 2 seeds; otherwise no interval (NaN bounds,
+    ``ci_method`` says so). The verdict is computed from the interval
+    (:func:`study.metrics.verdict`).
+
+    Returns:
+        method -> ``{diff, std, ci95_low, ci95_high, n, ci_method, verdict}``.
+    """
+    base = summaries["none"]["seed_mious"]
+    out = {}
+    for m, s in summaries.items():
+        if m == "none":
+            continue
+        a = s["seed_mious"]
+        if len(a) >= 2 and len(a) == len(base):
+            ci = paired_seed_ci(a, base)
+        else:
+            ci = {"diff": float(np.mean(a) - np.mean(base)), "std": float("nan"), "ci95_low": float("nan"),
+                  "ci95_high": float("nan"), "n": len(a), "ci_method": "one seed: no interval"}
+        out[m] = {**ci, "verdict": ci_verdict(ci["ci95_low"], ci["ci95_high"])}
     return out
 
 
@@ -264,27 +355,35 @@ def _complexity(ctx, name: str) -> dict:
 
 
 def gap_rows(ctx, teacher_scores: dict, base_scores: dict) -> list[dict]:
-    """Teacher vs no-KD main student at full budget: model, steps, mIoU, mDice, params, GMACs."""
-    prof = ctx.profile
+    """Teacher vs no-KD main student at full budget: model, split, steps, test mIoU, val mIoU,
+    last-quarter gain, mDice, params, GMACs."""
     rows = []
-    for name, steps, s in ((prof.teacher, prof.teacher_steps, teacher_scores),
-                           (MAIN_STUDENT, prof.student_steps, base_scores)):
+    for name, s in ((ctx.profile.teacher, teacher_scores), (MAIN_STUDENT, base_scores)):
         c = _complexity(ctx, name)
-        rows.append({"model": name, "steps": steps, "miou": s["miou"], "mdice": s["mdice"],
+        rows.append({"model": name, "split": s.get("split", "test"), "steps": s.get("steps"), "miou": s["miou"],
+                     "val_miou": s.get("val_miou", np.nan),
+                     "miou_last_quarter_gain": s.get("miou_last_quarter_gain", np.nan), "mdice": s["mdice"],
                      "params_m": c["params_m"], "gmacs": c["gmacs"]})
     return rows
 
 
-def _row(ctx, cx: dict, model: str, method: str, s: dict, cfg: KDConfig | None, steps: int,
-         teacher_miou: float, reported: float = float("nan")) -> dict:
+_NO_CI = {"diff": float("nan"), "ci95_low": float("nan"), "ci95_high": float("nan"), "ci_method": "", "verdict": ""}
+
+
+def _row(ctx, cx: dict, model: str, method: str, s: dict, cfg: KDConfig | None, teacher_miou: float,
+         reported: float = float("nan"), ci: dict | None = None) -> dict:
     nan = float("nan")
     hw = (ctx.profile.image_size, ctx.profile.image_size)
+    ci = ci or _NO_CI
     return table_row(
         ctx, SECTION, model, method, s, complexity=cx[model], input_hw=hw,
         temperature=cfg.temperature if cfg is not None and cfg.method in ("kl", "kl+feat", "cwd") else nan,
         kd_weight=cfg.kd_weight if cfg is not None and cfg.method != "none" else nan,
         feat_weight=cfg.feat_weight if cfg is not None and cfg.method == "kl+feat" else nan,
-        steps=steps, seeds=s.get("seeds", 1), miou_std=s.get("miou_std", nan),
+        steps=s.get("train_steps", nan), seeds=s.get("seeds", 1), miou_std=s.get("miou_std", nan),
+        val_miou=s.get("val_miou", nan), miou_last_quarter_gain=s.get("miou_last_quarter_gain", nan),
+        diff_vs_none=ci["diff"], ci95_low=ci["ci95_low"], ci95_high=ci["ci95_high"], ci_method=ci["ci_method"],
+        verdict=ci["verdict"],
         **{f"iou_{k}": s["per_class_iou"][CLASS_NAMES.index(k)] for k in RARE_CLASSES},
         train_seconds=s["train_seconds"], teacher_miou=teacher_miou, reported_by_source000_miou=reported)
 
@@ -294,101 +393,100 @@ def table_rows(ctx, *, teacher_scores: dict, base_scores: dict, configs: Mapping
                second: Mapping[str, dict]) -> list[dict]:
     """Rows of table ``distillation``.
 
-    One row each for: the teacher; the section-0 student (full steps); every method of the
-    main comparison (seed mean, ``miou_std``); every KL sweep point (one seed); the
-    :data:`SECOND_STUDENT` runs. Columns after :data:`study.BASE_COLUMNS`: ``temperature,
-    kd_weight, feat_weight, steps, seeds, miou_std, iou_<rare class>..., train_seconds (s),
-    teacher_miou, reported_by_source000_miou``; ``params_m`` / ``gmacs`` at ``image_size``
-    (the Swin teacher at its fixed input size).
+    One row each for: the teacher; every method of the main comparison (seed mean,
+    ``miou_std``; "none" is the section-0 baseline, the equal-budget control); every KL
+    sweep point (one seed; ``--full-grid``); the :data:`SECOND_STUDENT` runs
+    (``--full-grid``). Columns after :data:`study.BASE_COLUMNS` and ``split`` (``test``),
+    ``train_steps``, ``train_images``: ``temperature, kd_weight, feat_weight, steps, seeds,
+    miou_std, val_miou`` (the selection score), ``miou_last_quarter_gain``, ``diff_vs_none``,
+    ``ci95_low``, ``ci95_high``, ``ci_method``, ``verdict`` (:func:`compare_to_none`, main
+    comparison only), ``iou_<rare class>..., train_seconds (s), teacher_miou,
+    reported_by_source000_miou``; ``params_m`` / ``gmacs`` at ``image_size``.
 
     Args:
         teacher_scores, base_scores: :func:`teacher` and section-0 student scores.
         configs: :func:`main_configs`; summaries: method -> :func:`summarize` of its seeds.
-        sweep: ``{(T, weight): record}`` of the KL sweep.
-        second: method (``"none"`` and the best KD method) -> :data:`SECOND_STUDENT` record.
+        sweep: ``{(T, weight): record}`` of the KL sweep (may be empty).
+        second: method -> :data:`SECOND_STUDENT` record (may be empty).
     """
     prof = ctx.profile
-    steps = kd_steps(prof)
     t_miou = teacher_scores["miou"]
     cx = {name: _complexity(ctx, name) for name in (prof.teacher, MAIN_STUDENT, SECOND_STUDENT)}
+    cis = compare_to_none(summaries)
 
     def one(rec):
         return {**summarize([rec]), "seeds": 1}
 
     nan = float("nan")
-    rows = [_row(ctx, cx, prof.teacher, "teacher (no KD)", one(teacher_scores), None, prof.teacher_steps, nan),
-            _row(ctx, cx, MAIN_STUDENT, "none (section 0 baseline, full steps)", one(base_scores),
-                 KDConfig("none"), prof.student_steps, t_miou)]
+    rows = [_row(ctx, cx, prof.teacher, "teacher (no KD)", one(teacher_scores), None, nan)]
     for m, c in configs.items():
-        rows.append(_row(ctx, cx, MAIN_STUDENT, m, summaries[m], c, steps, t_miou,
-                         REPORTED_BY_SOURCE000.get(m, nan)))
+        label = "none (= section-0 baseline, equal budget)" if m == "none" else m
+        rows.append(_row(ctx, cx, MAIN_STUDENT, label, summaries[m], c, t_miou,
+                         REPORTED_BY_SOURCE000.get(m, nan), cis.get(m)))
     for (t, w), rec in sweep.items():
-        rows.append(_row(ctx, cx, MAIN_STUDENT, "kl (sweep)", one(rec), KDConfig("kl", t, w), steps, t_miou))
+        rows.append(_row(ctx, cx, MAIN_STUDENT, "kl (sweep, chosen on val)", one(rec), KDConfig("kl", t, w), t_miou))
     for m, rec in second.items():
         rows.append(_row(ctx, cx, SECOND_STUDENT, m, one(rec), KDConfig("none") if m == "none" else configs[m],
-                         steps, t_miou))
+                         t_miou))
     return rows
 
 
 def verdict(ctx, *, teacher_scores: dict, base_scores: dict, summaries: Mapping[str, dict],
             sweep: Mapping[tuple, dict], second: Mapping[str, dict]) -> str:
-    """Markdown conclusion of notebook 01: gap, KD vs none per method (with seed noise), T, rare classes.
+    """Markdown conclusion of notebook 01: gap, KD vs none per method with its 95 % interval, source 000.
 
-    A method "helps"/"hurts" only when its difference to ``none`` exceeds the pooled seed
-    std ``sqrt(mean(std_m^2, std_none^2))``; with one seed there is no noise estimate and
-    the text says "higher"/"lower". Arguments as :func:`table_rows`.
+    Every "helps" / "hurts" is :func:`compare_to_none`'s: the interval of the paired per-seed
+    test-mIoU difference excludes 0. Arguments as :func:`table_rows`.
     """
     prof = ctx.profile
     best_method = best_kd_method(summaries)
     steps = kd_steps(prof)
-    n_seeds = len(prof.seeds)
-    none_m, none_s = summaries["none"]["miou"], summaries["none"]["miou_std"]
-
-    def pm(sd):
-        return f" ± {sd:.4f}" if np.isfinite(sd) else " (one seed, no std)"
-
+    none_m = summaries["none"]["miou"]
+    cis = compare_to_none(summaries)
     lines = []
-    for m in (k for k in summaries if k != "none"):
-        d = summaries[m]["miou"] - none_m
-        pooled = np.sqrt(np.nanmean([summaries[m]["miou_std"] ** 2, none_s ** 2])) if n_seeds > 1 else np.nan
-        verdict_m = ("within seed noise" if np.isfinite(pooled) and abs(d) <= pooled else
-                     "helps" if d > 0 else "hurts") if np.isfinite(pooled) else \
-            ("higher" if d > 0 else "lower") + " (one seed: no noise estimate)"
-        lines.append(f"- **{m}** {summaries[m]['miou']:.4f}{pm(summaries[m]['miou_std'])}: "
-                     f"{d:+.4f} vs none ({verdict_m}).")
-    temps = list(sweep_plan(prof)["temperatures"])
-    t_range = max(sweep[(t, 1.0)]["miou"] for t in temps) - min(sweep[(t, 1.0)]["miou"] for t in temps)
-    kl = best_kl(sweep)
-    delta = per_class_delta(summaries, best_method)
-    rare = ", ".join(f"{c} {delta[CLASS_NAMES.index(c)]:+.3f}" for c in RARE_CLASSES)
-    rn_d = second[best_method]["miou"] - second["none"]["miou"]
-    helped = summaries[best_method]["miou"] - none_m
-    t_miou, b_miou = teacher_scores["miou"], base_scores["miou"]
+    for m, ci in cis.items():
+        iv = (f"95 % CI [{ci['ci95_low']:+.4f}, {ci['ci95_high']:+.4f}], {ci['ci_method']}"
+              if np.isfinite(ci["ci95_low"]) else ci["ci_method"])
+        lines.append(f"- **{m}**: test mIoU {summaries[m]['miou']:.4f}; {ci['diff']:+.4f} vs none ({iv}) → "
+                     f"**{ci['verdict']}**.")
+    t_miou = teacher_scores["miou"]
     src_gain = REPORTED_BY_SOURCE000["mse"] - REPORTED_BY_SOURCE000["none"]
     data = "the embedded generated data" if ctx.generated_data else ctx.data_root
-    return "\n".join([
-        f"**Teacher–student gap.** The teacher reaches {t_miou:.4f} mIoU, the no-KD student "
-        f"{b_miou:.4f} after {prof.student_steps} steps and {none_m:.4f} after the {steps}-step KD budget "
-        f"(gap {t_miou - none_m:+.4f} at equal student budget).",
+    out = [
+        f"**Teacher–student gap.** The teacher reaches {t_miou:.4f} test mIoU after {teacher_scores.get('steps')} "
+        f"steps, the no-KD student {none_m:.4f} (mean of {summaries['none']['seeds']} seed(s), {steps} steps): "
+        f"gap {t_miou - none_m:+.4f}.",
         "",
-        f"**KD vs none** (MobileViT-S, {steps} steps, {n_seeds} seed(s), none = {none_m:.4f}{pm(none_s)}):",
+        f"**KD vs none** (MobileViT-S, every arm {steps} steps = {steps * prof.batch_size} images, test split, "
+        f"paired by seed):",
         *lines,
         "",
-        f"**Temperature.** Across T ∈ {{{', '.join(f'{t:g}' for t in temps)}}} (λ=1, one seed) mIoU spans "
-        f"{t_range:.4f}; the best KL setting is T={kl.temperature:g}, λ={kl.kd_weight:g}.",
-        f"**Rare classes** ({best_method} − none): {rare}.",
-        f"**ResNet-18** ({best_method} vs none, one seed): {second[best_method]['miou']:.4f} vs "
-        f"{second['none']['miou']:.4f} ({rn_d:+.4f}).",
-        "",
-        (f"**Verdict.** The best KD method here, {best_method}, changes mIoU by {helped:+.4f} over the equal-budget "
-         f"control. Source 000 reports +{src_gain:.4f} ({REPORTED_BY_SOURCE000['none']} → "
-         f"{REPORTED_BY_SOURCE000['mse']}) on LPCVC with ImageNet-pretrained models and 20,000 iterations; "
-         f"here the teacher is trained from scratch for {prof.teacher_steps} steps and the students for {steps} "
-         f"steps on {data}, so the size of the effect is not comparable with source 000's, only its sign."),
-    ])
+        f"**Chosen for the later sections (on val):** {best_method}.",
+    ]
+    if sweep:
+        kl = best_kl(sweep)
+        temps = sorted({t for t, _ in sweep})
+        t_range = max(sweep[(t, 1.0)]["miou"] for t in temps) - min(sweep[(t, 1.0)]["miou"] for t in temps)
+        out.append(f"**Temperature** (full grid, one seed): test mIoU spans {t_range:.4f} over T ∈ "
+                   f"{{{', '.join(f'{t:g}' for t in temps)}}}; chosen on val: T={kl.temperature:g}, λ={kl.kd_weight:g}.")
+    if second:
+        rn_d = second[best_method]["miou"] - second["none"]["miou"]
+        out.append(f"**ResNet-18** ({best_method} vs none, one seed, no interval): {rn_d:+.4f}.")
+    delta = per_class_delta(summaries, best_method)
+    out.append("**Rare classes** (" + best_method + " − none): "
+               + ", ".join(f"{c} {delta[CLASS_NAMES.index(c)]:+.3f}" for c in RARE_CLASSES) + ".")
+    ci = cis[best_method] if best_method in cis else None
+    here = (f"{ci['diff']:+.4f} with 95 % CI [{ci['ci95_low']:+.4f}, {ci['ci95_high']:+.4f}] ({ci['verdict']})"
+            if ci is not None and np.isfinite(ci["ci95_low"]) else f"{summaries[best_method]['miou'] - none_m:+.4f} "
+            "(one seed, no interval)")
+    out += ["", f"**Against the source.** Source 000 says KD (logit MSE) adds +{src_gain:.4f} mIoU "
+                f"({REPORTED_BY_SOURCE000['none']} → {REPORTED_BY_SOURCE000['mse']}, LPCVC, ImageNet-pretrained, "
+                f"20,000 iterations); here, at this budget on {data}, {best_method} gives {here}; MSE gives "
+                f"{cis['mse']['diff']:+.4f} ({cis['mse']['verdict']})."]
+    return "\n".join(out)
 
 
-__all__ = ["SECTION", "MAIN_STUDENT", "SECOND_STUDENT", "FALLBACK_CHOICE", "SWEEP_TEMPERATURES", "SWEEP_WEIGHTS",
+__all__ = ["CORE_KL", "compare_to_none", "teacher_outputs", "SECTION", "MAIN_STUDENT", "SECOND_STUDENT", "FALLBACK_CHOICE", "SWEEP_TEMPERATURES", "SWEEP_WEIGHTS",
            "CWD_TEMPERATURE", "CWD_WEIGHT", "FEAT_WEIGHT", "REPORTED_BY_SOURCE000", "kd_steps", "sweep_plan",
            "main_configs", "best_kl", "best_kd_method", "teacher", "distill_student", "choice_path",
            "save_kd_choice", "kd_student", "summarize", "per_class_delta", "gap_rows", "table_rows", "verdict",

@@ -23,7 +23,7 @@ import pandas as pd
 import torch.nn as nn
 
 from .. import prune
-from .common import table_row
+from .rows import table_row
 from .structured_pruning import METHOD_KIND, STUDENT, calibration_batches, pruned_variant, student  # noqa: F401
 
 SECTION = "head_pruning"

@@ -43,7 +43,8 @@ from ..distill import KDConfig, make_kd_loss
 from ..models import model_complexity
 from ..train import TrainConfig, evaluate, seed_everything
 from . import distillation
-from .common import cached, finetune, finetune_config, loaders, model_fingerprint, table_row
+from .common import cached, finetune, finetune_config, loaders, model_fingerprint
+from .rows import table_row
 from .common import is_cached as common_is_cached
 
 SECTION = "iterative_pruning"

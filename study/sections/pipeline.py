@@ -61,7 +61,8 @@ from ..metrics import verdict as ci_verdict
 from ..models import gmacs, model_complexity, model_fingerprint
 from ..train import seed_everything
 from . import distillation
-from .common import build, cached, finetune, finetune_config, table_row
+from .common import build, cached, finetune, finetune_config
+from .rows import table_row
 from . import quantization
 from .quantization import calibration_images, eval_arrays
 from .structured_pruning import calibration_batches

@@ -31,7 +31,8 @@ import torch.nn as nn
 
 from .. import CLASS_NAMES, RARE_CLASSES, bench, quant
 from ..data import IMAGENET_MEAN, IMAGENET_STD, load_split_arrays
-from .common import build, loaders, table_row, trained_model
+from .common import build, loaders, trained_model
+from .rows import table_row
 from .distillation import kd_student
 from .measure import protocol
 from .structured_pruning import pruned_variant

@@ -27,7 +27,8 @@ import torch.nn as nn
 from .. import prune
 from ..train import evaluate, seed_everything
 from . import distillation
-from .common import cached, finetune, loaders, model_fingerprint, table_row
+from .common import cached, finetune, loaders, model_fingerprint
+from .rows import table_row
 
 SECTION = "structured_pruning"
 #: The student pruned by notebooks 02-04.
