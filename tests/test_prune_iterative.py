@@ -2,6 +2,7 @@
 section's cached runner (study.sections.iterative_pruning.run_schedule): trajectory, cache, Taylor, KD."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -178,6 +179,16 @@ def _toy_loaders(n=4, bs=2, hw=32, seed=0):
 @pytest.fixture
 def ctx(tmp_path, monkeypatch):
     monkeypatch.setattr(sec, "loaders", lambda ctx, batch_size=None, seed=None: _toy_loaders())
+    # the toy val batches stand in for the test split
+    monkeypatch.setattr(sec, "test_scores", lambda ctx, m: {**sec.evaluate(m, _toy_loaders()[1], progress=False),
+                                                            "split": "test"})
+
+    def toy_confusions(ctx, m):
+        from study.metrics import confusion_matrix
+        with torch.no_grad():
+            return np.stack([confusion_matrix(m(x[i:i + 1]).argmax(1)[0].numpy(), y[i].numpy(), 14)
+                             for x, y in _toy_loaders()[1] for i in range(len(x))])
+    monkeypatch.setattr(sec, "test_confusions", toy_confusions)
     prof = get_profile("smoke").replace(crop_size=32, image_size=32, batch_size=2, calib_images=2)
     return Context(profile=prof, seed=0, out_dir=tmp_path / "smoke", cache=ArtifactCache(tmp_path / "cache"),
                    data_root=tmp_path, data_fp="toy")

@@ -29,10 +29,10 @@ import torch.nn as nn
 
 from .. import bench, prune, quant
 from ..cache import make_key
-from ..data import LPCVCDataset, val_transform
 from ..models import model_complexity, model_fingerprint
 from ..train import seed_everything
-from .common import build, cached, finetune, loaders
+from .common import build, cached, eval_loader, finetune
+from .quantization import calibration_images
 from .rows import table_row
 
 SECTION = "deployment"
@@ -90,22 +90,10 @@ def pruned_student(ctx, student: nn.Module, fraction_removed: float = PRUNE_FRAC
     return prune.rebuild_pruned(lambda: build(MODEL, ctx.profile), payload).eval()
 
 
-def calibration_images(ctx, n: int | None = None) -> np.ndarray:
-    """The first ``n`` (default ``calib_images``) training images prepared like validation
-    images (resized to ``image_size``, ImageNet-normalised): float32 ``(n, 3, S, S)``.
-
-    The exported models take exactly ``image_size`` inputs, so the calibration images must
-    have that size too (random training crops have ``crop_size``).
-    """
-    n = ctx.profile.calib_images if n is None else int(n)
-    ds = LPCVCDataset(ctx.data_root, "train", transform=val_transform(ctx.profile.image_size))
-    return np.stack([ds[i][0].numpy() for i in range(min(n, len(ds)))]).astype(np.float32)
-
-
-def val_arrays(ctx) -> tuple[np.ndarray, np.ndarray]:
-    """The validation split as arrays, in the val loader's order: images float32
-    ``(N, 3, S, S)`` and masks int64 ``(N, S, S)`` (for :func:`study.quant.onnx_scores`)."""
-    images, masks = zip(*((x.numpy(), y.numpy()) for x, y in loaders(ctx)[1]))
+def test_arrays(ctx) -> tuple[np.ndarray, np.ndarray]:
+    """The test split as arrays, in file order: images float32 ``(N, 3, S, S)`` and masks
+    int64 ``(N, S, S)`` (for :func:`study.quant.onnx_scores`; the numbers the table reports)."""
+    images, masks = zip(*((x.numpy(), y.numpy()) for x, y in eval_loader(ctx, "test")))
     return np.concatenate(images), np.concatenate(masks)
 
 
@@ -119,16 +107,19 @@ def _onnx_path(ctx, module: nn.Module, method: str, precision: str) -> Path:
     return ctx.out_dir / "deployment_onnx" / f"{method}_{precision}_{hw[0]}_{key}.onnx"
 
 
-def variants(ctx, baseline: nn.Module, kd: nn.Module, pruned: nn.Module) -> list[dict]:
+def variants(ctx, baseline: nn.Module, kd: nn.Module, pruned: nn.Module,
+             train_steps: dict | None = None) -> list[dict]:
     """Export the deployed variants to ONNX (reusing files whose key matches).
 
     The variants: baseline fp32, KD fp32, KD + pruned fp32, KD fp16 (:func:`study.quant.convert_fp16`,
     float32 I/O) and KD static INT8 QDQ (:func:`study.quant.quantize_int8` on
-    :func:`calibration_images`).
+    :func:`calibration_images`, THE calibration set of the study, shared with section 05).
+    ``train_steps``: method (``"baseline"``, ``"kd"``) -> the weight updates behind that
+    model; the pruned variant adds its recovery fine-tune (``finetune_steps``).
 
     Returns:
-        one dict per variant: ``model``, ``method``, ``precision``, ``path`` (ONNX file) and
-        ``complexity`` (:func:`study.models.model_complexity` of the torch module; fp16 / INT8
+        one dict per variant: ``model``, ``method``, ``precision``, ``path`` (ONNX file),
+        ``train_steps`` (NaN when not given) and ``complexity`` (:func:`study.models.model_complexity` of the torch module; fp16 / INT8
         share their fp32 module's).
     """
     hw = input_hw(ctx)
@@ -141,8 +132,10 @@ def variants(ctx, baseline: nn.Module, kd: nn.Module, pruned: nn.Module) -> list
             make(path)
         if id(module) not in cx:
             cx[id(module)] = {k: v for k, v in model_complexity(module, hw).items() if isinstance(v, (int, float, str))}
+        base = method.split("+")[0]
+        steps = float((train_steps or {}).get(base, np.nan)) + (ctx.profile.finetune_steps if "+" in method else 0)
         out.append({"model": MODEL, "method": method, "precision": precision, "path": path,
-                    "complexity": cx[id(module)]})
+                    "train_steps": steps, "complexity": cx[id(module)]})
         return path
 
     add(baseline, "baseline", "fp32", lambda p: quant.export_onnx(baseline, p, hw))
@@ -167,13 +160,15 @@ def measured_row(ctx, variant: dict, result: dict, scores: dict, target: dict, s
 
     Args:
         variant: from :func:`variants`. result: the runner's dict (:func:`study.bench.measure_file`).
-        scores: ``miou``/``mdice`` of the same ONNX file (:func:`study.quant.onnx_scores`).
+        scores: ``miou``/``mdice`` of the same ONNX file on the test split (:func:`study.quant.onnx_scores`
+            of :func:`test_arrays`).
         target: from :func:`study.bench.choose_target`. stored: the stored JSON or None.
     """
     power = result.get("power_w_mean")
     return table_row(
         ctx, SECTION, variant["model"], variant["method"], scores, complexity=variant["complexity"],
-        input_hw=input_hw(ctx), device=device_label(target, result),
+        input_hw=input_hw(ctx), split="test", train_steps=variant.get("train_steps", np.nan),
+        device=device_label(target, result),
         runtime=f"onnxruntime {result['runtime_version']}", precision=variant["precision"], fps=result["fps"],
         latency_ms_p50=result["latency_ms_p50"], latency_ms_p99=result["latency_ms_p99"],
         peak_rss_mb=result["peak_rss_mb"], ram_used_mb=result["ram_used_mb"], swap_used_mb=result["swap_used_mb"],
@@ -254,5 +249,5 @@ def verdict(measured: pd.DataFrame, kd_record: dict) -> list[str]:
 
 
 __all__ = ["SECTION", "MODEL", "PRUNE_FRACTION_REMOVED", "SOURCE000_NANO", "input_hw",
-           "results_dir", "pruned_student", "calibration_images", "val_arrays", "variants", "device_label",
+           "results_dir", "pruned_student", "calibration_images", "test_arrays", "variants", "device_label",
            "measured_row", "stored_rows", "reported_rows", "table", "verdict"]

@@ -19,16 +19,26 @@ of importing it.
 Counting is :func:`study.models.model_complexity`; ONNX export :func:`study.quant.export_onnx`;
 torch files :func:`study.bench.save_torch_model`; the protocol settings of a profile
 :func:`protocol`.
+
+Cached like trained models (issue #13): an ONNX export is kept under
+``<cache>/onnx/<weights fingerprint>-<H>x<W>.onnx`` and copied, not re-exported; a
+:meth:`LatencyPlan.measure` of the same models (by weights fingerprint), shapes, runtimes,
+protocol settings, machine and benchmark code is answered from the cache unless the run
+asks for ``--retime`` (``ctx.retime``). The table then says ``timing = "cached"``.
 """
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch.nn as nn
 
 from .. import bench
-from ..models import model_complexity
+from ..cache import make_key
+from ..models import model_complexity, model_fingerprint
 from ..quant import export_onnx
 
 RUNTIMES = ("ort", "torch")
@@ -107,18 +117,38 @@ class LatencyPlan:
         if base is not None and base not in self.entries:
             raise ValueError(f"LatencyPlan.add: base {base!r} of {tag!r} has not been added")
         c = model_complexity(model, self.hw)
+        fp = model_fingerprint(model)
         e = {"params_m": c["params_m"], "gmacs": c["gmacs"], "gmacs_tp": c["gmacs_tp"], "files": {},
-             "ort_error": "", "torch_error": "", "base": base}
+             "ort_error": "", "torch_error": "", "base": base, "fingerprint": fp}
         for rt in self.runtimes:
             try:
                 if rt == "ort":
-                    e["files"][rt] = export_onnx(model, self.out_dir / f"{tag}.onnx", self.hw)
+                    e["files"][rt] = self._onnx(model, fp, self.out_dir / f"{tag}.onnx")
                 else:
                     e["files"][rt] = bench.save_torch_model(model, self.out_dir / f"{tag}.pt")
             except Exception as exc:  # noqa: BLE001 - reported in the table's <runtime>_error column
                 e[f"{rt}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         self.entries[tag] = e
         return {k: v for k, v in e.items() if k not in ("files", "base")}
+
+    def _onnx(self, model: nn.Module, fp: str, dest: Path) -> Path:
+        """Export ``model`` once per weights fingerprint and shape (kept in the cache), copy it to ``dest``."""
+        cache_root = getattr(getattr(self.ctx, "cache", None), "root", None)
+        if cache_root is None:
+            return export_onnx(model, dest, self.hw)
+        kept = Path(cache_root) / "onnx" / f"{fp}-{self.hw[0]}x{self.hw[1]}.onnx"
+        if not kept.exists() or getattr(self.ctx.cache, "fresh", False):
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp.onnx")
+            try:
+                export_onnx(model, tmp, self.hw)
+                os.replace(tmp, kept)
+            finally:
+                tmp.unlink(missing_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        shutil.copyfile(kept, tmp)
+        os.replace(tmp, dest)
+        return dest
 
     def file(self, tag: str, runtime: str = "ort") -> Path | None:
         """The file written for ``tag`` and ``runtime`` (None when it could not be written)."""
@@ -155,13 +185,40 @@ class LatencyPlan:
                 m[f"{rt}_error"] = e[f"{rt}_error"] or ("" if rt in self.runtimes else "not measured")
             out[tag] = m
         if bench_latency:
-            self._time(out, settings, verbose)
+            self._timed(out, settings, verbose)
         compared = any(e["base"] is not None for e in self.entries.values())
         for tag, m in out.items():
             base = self.entries[tag]["base"]
             m["columns"] = latency_columns(m, out[base] if base is not None else None, self.runtimes,
                                            verdict=compared)
         return out
+
+    def _timed(self, out: dict, settings: dict, verbose: bool) -> None:
+        """:meth:`_time`, answered from the cache when the same models were timed the same way here."""
+        cache = getattr(self.ctx, "cache", None)
+        if cache is None:
+            self._time(out, settings, verbose)
+            return
+        cfg = {"entries": [[t, e["fingerprint"], e["base"], sorted(e["files"])] for t, e in self.entries.items()],
+               "hw": list(self.hw), "runtimes": list(self.runtimes), "settings": settings,
+               "machine": [platform.node(), platform.processor(), os.cpu_count()]}
+        key = make_key(cfg, modules=["study.bench"])
+        hit = None if getattr(self.ctx, "retime", False) else cache.get("latency", key)
+        if hit is not None:
+            for tag, m in hit["out"].items():
+                out[tag].update(m)
+                out[tag]["timing"] = "cached"
+            import pandas as pd
+
+            for rt, recs in hit["tables"].items():
+                self.tables[rt] = pd.DataFrame(recs)
+            return
+        self._time(out, settings, verbose)
+        for m in out.values():
+            m["timing"] = "measured"
+        cache.put("latency", key, {"out": _native({t: {k: v for k, v in m.items() if k != "timing"}
+                                                    for t, m in out.items()}),
+                                   "tables": {rt: _native(df.to_dict("records")) for rt, df in self.tables.items()}})
 
     def _time(self, out: dict, settings: dict, verbose: bool) -> None:
         for rt in self.runtimes:
@@ -180,6 +237,20 @@ class LatencyPlan:
         return out
 
 
+def _native(obj):
+    """``obj`` with numpy scalars turned into Python ones (what a ``weights_only`` load accepts)."""
+    if isinstance(obj, dict):
+        return {str(k): _native(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_native(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return obj.item()
+        except (TypeError, ValueError):
+            return str(obj)
+    return obj if obj is None or isinstance(obj, (str, int, float, bool)) else str(obj)
+
+
 def interval(meas: dict, runtime: str) -> dict:
     """``meas``'s 95 % interval of ``runtime`` in the keys :func:`study.bench.latency_verdict` reads."""
     return {"latency_ms_p50_ci95_low": meas[f"latency_ms_p50_{runtime}_ci95_low"],
@@ -195,13 +266,14 @@ def latency_columns(meas: dict, base_meas: dict | None = None, runtimes: Iterabl
                     verdict: bool = True) -> dict:
     """The latency columns of a table row from a :meth:`LatencyPlan.measure` entry.
 
-    ``threads``, ``rounds``, then per runtime ``rt``: ``latency_ms_p50_<rt>`` with its
+    ``threads``, ``rounds``, ``timing`` (``"measured"`` in this run, ``"cached"`` from an
+    earlier identical measurement, see :meth:`LatencyPlan.measure`), then per runtime ``rt``: ``latency_ms_p50_<rt>`` with its
     ``_ci95_low/_high``, ``latency_ms_p90_<rt>``, ``latency_ms_p99_<rt>``, ``fps_<rt>``,
     ``cv_p50_<rt>``, ``peak_rss_mb_<rt>``, ``load_s_<rt>``, ``gmacs_per_s_<rt>``,
     ``pct_of_peak_<rt>`` and, when ``verdict``, ``verdict_vs_dense_<rt>`` (:func:`verdict_vs`
     against ``base_meas``; ``"reference"`` without one).
     """
-    row = {"threads": meas["threads"], "rounds": meas["rounds"]}
+    row = {"threads": meas["threads"], "rounds": meas["rounds"], "timing": meas.get("timing", "")}
     for rt in runtimes:
         row.update({c.format(rt=rt): meas[c.format(rt=rt)] for c in COLUMNS.values()})
         if verdict:

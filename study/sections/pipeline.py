@@ -185,8 +185,9 @@ def pruning_choice(ctx) -> dict:
     """The channel importance of step 2, read from notebook 02's table when it exists.
 
     Rule: among ``structured_magnitude`` and ``structured_taylor`` rows of the student in
-    ``<out_dir>/tables/structured_pruning.csv``, the method with the higher mean mIoU
-    after fine-tuning over the sparsities both were run at (magnitude on ties). Without
+    ``<out_dir>/tables/structured_pruning.csv``, the method with the higher mean
+    **validation** mIoU (``val_miou``; ``miou`` for a table without it) after fine-tuning
+    over the sparsities both were run at (magnitude on ties). Without
     that table (notebook 02 has not run for this build folder and profile) the
     importance is ``magnitude`` (L1 filter norm, Li et al. 2017) and ``source`` says so.
 
@@ -202,7 +203,8 @@ def pruning_choice(ctx) -> dict:
     df = df[(df.model == STUDENT) & df.method.isin(["structured_magnitude", "structured_taylor"])]
     common_s = set(df[df.method == "structured_magnitude"].sparsity) & set(df[df.method == "structured_taylor"].sparsity)
     df = df[df.sparsity.isin(common_s)]
-    means = {m.split("_", 1)[1]: float(g.miou.mean()) for m, g in df.groupby("method")}
+    col = "val_miou" if "val_miou" in df.columns and df.val_miou.notna().any() else "miou"  # choose on val
+    means = {m.split("_", 1)[1]: float(g[col].mean()) for m, g in df.groupby("method")}
     if len(means) < 2 or not all(np.isfinite(list(means.values()))):
         return {"importance": "magnitude", "evidence": means,
                 "source": f"fallback ({path.name} lacks comparable magnitude / taylor rows)"}
@@ -599,7 +601,7 @@ LATENCY_COLUMNS = ("latency_ms_p50", "latency_ms_p50_ci95_low", "latency_ms_p50_
 def variant_row(ctx, variant: str, method: str, *, complexity: dict, scores: dict, latency: dict, precision: str,
                 target_fraction: float, target_gmacs: float, sparsity: float, importance: str, train_steps: int,
                 train_images: int, recovery: str, miou_after_prune: float, miou_after_recovery: float,
-                path: str | Path | None = None, int8_recipe: str = "") -> dict:
+                path: str | Path | None = None, int8_recipe: str = "", recovery_steps: int = 0) -> dict:
     """One row of table ``pipeline``: one exported variant, measured.
 
     Args:
@@ -610,8 +612,9 @@ def variant_row(ctx, variant: str, method: str, *, complexity: dict, scores: dic
             ``rounds``, the :data:`LATENCY_COLUMNS` it has and ``round_p50s_ms``).
         precision: ``fp32``, ``fp16`` or ``int8``; target_fraction / target_gmacs: the MACs
             target (1.0 / dense GMACs for the dense student); sparsity: channel fraction removed.
-        train_steps, train_images: the recovery fine-tune's optimizer steps and images seen
-            (0 for the dense student, which is notebook 01's model).
+        train_steps, train_images: every weight update behind the variant and the images
+            seen: the KD student's training plus the recovery fine-tune.
+        recovery_steps: the recovery fine-tune's optimizer steps alone (0 for the dense student).
         recovery: ``"kd (kl T=2 w=1)"``-like text, ``"-"`` for the dense student.
         miou_after_prune, miou_after_recovery: torch-scored mIoU after step 2 and step 3
             (NaN for the dense student).
@@ -628,7 +631,7 @@ def variant_row(ctx, variant: str, method: str, *, complexity: dict, scores: dic
     lat = {c: float(latency.get(c, NAN)) for c in LATENCY_COLUMNS}
     rounds_p50 = str(latency.get("round_p50s_ms", ""))
     return table_row(ctx, SECTION, STUDENT, method, scores, complexity=complexity, input_hw=input_hw(ctx),
-                     variant=variant, precision=precision, runtime="ort",
+                     split=scores.get("split", "test"), recovery_steps=int(recovery_steps), variant=variant, precision=precision, runtime="ort",
                      threads=int(latency["threads"]), rounds=int(latency["rounds"]), **lat,
                      round_p50s_ms=rounds_p50,
                      target_fraction=float(target_fraction), target_gmacs=float(target_gmacs),

@@ -1,0 +1,53 @@
+"""ONNX exports and latency measurements are cached by weights fingerprint; --retime re-measures."""
+from types import SimpleNamespace
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from study.cache import ArtifactCache
+from study.profiles import PROFILES
+from study.sections import measure
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_latency_and_onnx_are_reused_until_retime(tmp_path, monkeypatch):
+    calls, exports = [], []
+
+    def fake_compare(items, hw, runtime, gmacs, errors, verbose, **settings):
+        calls.append(sorted(items))
+        return pd.DataFrame([{"name": t, "threads": 1, "rounds": 3, "error": "",
+                              **{k: 1.0 + i for i, k in enumerate(measure.COLUMNS)}} for t in items])
+
+    real_export = measure.export_onnx
+    monkeypatch.setattr(measure.bench, "compare_latency", fake_compare)
+    monkeypatch.setattr(measure, "export_onnx", lambda m, p, hw: exports.append(p) or real_export(m, p, hw))
+    torch.manual_seed(0)
+    model = Tiny()
+    ctx = SimpleNamespace(profile=PROFILES["smoke"], cache=ArtifactCache(tmp_path / "cache"), retime=False)
+
+    def run(out):
+        plan = measure.LatencyPlan(ctx, (16, 16), tmp_path / out)
+        plan.add("a", model)
+        return plan.measure()["a"]
+
+    first = run("one")
+    second = run("two")
+    assert first["timing"] == "measured" and second["timing"] == "cached"
+    assert len(calls) == 2 and len(exports) == 1  # ort + torch timed once; exported once
+    assert second["latency_ms_p50_ort"] == first["latency_ms_p50_ort"]
+    assert (tmp_path / "two" / "a.onnx").read_bytes() == (tmp_path / "one" / "a.onnx").read_bytes()
+    ctx.retime = True
+    assert run("three")["timing"] == "measured" and len(calls) == 4
+    ctx.retime = False
+    with torch.no_grad():
+        model.conv.weight.add_(1.0)  # other weights: another export and another measurement
+    assert run("four")["timing"] == "measured" and len(exports) == 2
