@@ -12,7 +12,14 @@ def _write(tables, name, rows):
 def test_verdicts_follow_the_numbers(tmp_path):
     _write(tmp_path, "distillation", [
         {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30},
-        {"model": "upernet_mobilevit_s", "method": "kl", "miou": 0.34, "ci95_low": 0.01, "ci95_high": 0.07}])
+        {"model": "upernet_mobilevit_s", "method": "mse", "miou": 0.34, "ci95_low": 0.01, "ci95_high": 0.07},
+        # the claim is about the source's KD (its code's logit MSE): a better KL row does not count
+        {"model": "upernet_mobilevit_s", "method": "kl", "miou": 0.50, "ci95_low": 0.1, "ci95_high": 0.3}])
+    _write(tmp_path, "iterative_pruning", [
+        {"role": "schedule", "schedule": "cubic", "steps": 2, "val_miou": 0.31, "miou_vs_oneshot": 0.004,
+         "oneshot_ci95_low": -0.01, "oneshot_ci95_high": 0.02},
+        {"role": "schedule", "schedule": "linear", "steps": 2, "val_miou": 0.29, "miou_vs_oneshot": 0.05,
+         "oneshot_ci95_low": 0.03, "oneshot_ci95_high": 0.07}])
     _write(tmp_path, "structured_pruning", [
         {"model": "upernet_mobilevit_s", "method": "unstructured", "sparsity": 0.6, "speedup": 1.02,
          "speedup_ci95_low": 0.97, "speedup_ci95_high": 1.06, "miou": 0.3},
@@ -21,7 +28,10 @@ def test_verdicts_follow_the_numbers(tmp_path):
     t = C.claims_table(tmp_path, "cpu").set_index("source", append=True)
     by_claim = {r.claim: r for r in C.claims_table(tmp_path, "cpu").itertuples()}
     kd = by_claim["KD from the Swin teacher improves the MobileViT student"]
-    assert kd.verdict == C.REPRODUCED and "+0.0400" in kd.this_run
+    assert kd.verdict == C.REPRODUCED and "+0.0400" in kd.this_run and "[+0.0100, +0.0700]" in kd.this_run
+    # the schedule chosen on val (cubic) is the one compared: its interval includes 0 -> marginal gain
+    it = by_claim["iterative pruning gives only marginal gains over one-shot"]
+    assert it.verdict == C.REPRODUCED and "cubic k=2" in it.this_run
     assert by_claim["60 % unstructured sparsity gives no speed-up"].verdict == C.REPRODUCED
     assert by_claim["45 % structured pruning: large speed-up at a tiny metric cost"].verdict == C.REPRODUCED
     # tables that did not run are said to be missing, not guessed
@@ -31,13 +41,13 @@ def test_verdicts_follow_the_numbers(tmp_path):
 
 def test_opposite_sign_and_missing_interval(tmp_path):
     _write(tmp_path, "distillation", [
-        {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30},
-        {"model": "upernet_mobilevit_s", "method": "cwd", "miou": 0.28}])
+        {"model": "upernet_mobilevit_s", "method": "none (= section-0 baseline, equal budget)", "miou": 0.30},
+        {"model": "upernet_mobilevit_s", "method": "mse", "miou": 0.28}])
     kd = C.claims_table(tmp_path, "smoke").iloc[0]
     assert kd.verdict == C.NOT_REPRODUCED
     _write(tmp_path, "distillation", [
         {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30},
-        {"model": "upernet_mobilevit_s", "method": "cwd", "miou": 0.31}])
+        {"model": "upernet_mobilevit_s", "method": "mse", "miou": 0.31}])
     kd = C.claims_table(tmp_path, "smoke").iloc[0]
     assert kd.verdict == C.SIGN_ONLY and "no interval" in kd.reason
 

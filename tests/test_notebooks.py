@@ -46,6 +46,10 @@ def test_notebook_runs_in_smoke_and_writes_its_table(smoke_build, stem):
         df = pd.read_csv(build / "smoke" / "tables" / f"{section}.csv")
         assert list(df.columns[: len(BASE_COLUMNS)]) == list(BASE_COLUMNS)
         assert len(df) > 0 and (df["section"] == section).all()
+        # issue #14: every table states the split its numbers come from and the training budget
+        assert {"split", "train_steps", "train_images"} <= set(df.columns), f"{section}: split / budget columns"
+        measured = df[df["miou"].notna() & ~df["method"].astype(str).str.contains("reported")]
+        assert set(measured["split"].dropna()) <= {"test", "val"} and (measured["split"] == "test").any()
         assert (build / "smoke" / "tables" / f"{section}.md").exists()
         assert list((build / "smoke" / "figures").glob(f"{section}_*.png")), f"no figure for {section}"
 

@@ -23,7 +23,7 @@ from .. import CLASS_NAMES, RARE_CLASSES
 from ..data import LPCVCDataset, class_frequencies, load_split_arrays, val_transform
 from ..metrics import SegmentationMeter
 from ..models import list_models, model_complexity
-from .common import build, start_label, train_config, trained_model
+from .common import build, start_label, trained_model
 from .rows import table_row
 from .measure import LatencyPlan
 

@@ -34,7 +34,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 import torch.nn as nn
 import torch_pruning as tp
 
