@@ -51,3 +51,31 @@ def test_latency_and_onnx_are_reused_until_retime(tmp_path, monkeypatch):
     with torch.no_grad():
         model.conv.weight.add_(1.0)  # other weights: another export and another measurement
     assert run("four")["timing"] == "measured" and len(exports) == 2
+
+
+def test_cached_file_makes_once_copies_after_and_leaves_no_partial_file(tmp_path):
+    ctx = SimpleNamespace(cache=ArtifactCache(tmp_path / "cache"))
+    made = []
+
+    def make(p):
+        made.append(p)
+        p.write_bytes(b"int8 model")
+        return p
+
+    a = measure.cached_file(ctx, tmp_path / "a" / "m.onnx", {"int8": "abc", "recipe": "r1"}, make)
+    b = measure.cached_file(ctx, tmp_path / "b" / "m.onnx", {"int8": "abc", "recipe": "r1"}, make)
+    assert a.read_bytes() == b.read_bytes() == b"int8 model" and len(made) == 1
+    measure.cached_file(ctx, tmp_path / "c.onnx", {"int8": "abc", "recipe": "r2"}, make)  # another recipe
+    assert len(made) == 2
+
+    def broken(p):
+        p.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    try:
+        measure.cached_file(ctx, tmp_path / "d.onnx", {"int8": "xyz"}, broken)
+    except KeyboardInterrupt:
+        pass
+    files = list((tmp_path / "cache" / "files").iterdir())
+    assert len(files) == 2 and not any(f.name.startswith(".") for f in files)  # no partial entry kept
+    assert not (tmp_path / "d.onnx").exists()

@@ -164,15 +164,21 @@ def _sparsity_sensitivity(t, profile):
         return "-", NOT_MEASURED, "structured-pruning table missing"
     mv = s[(s["model"] == "upernet_mobilevit_s") & (s["method"] == "structured_magnitude")]
     sw = s[(s["model"] == "upernet_swinv2_t") & (s["method"] == "mlp_hidden")]
-    dense_mv, dense_sw = _row(s, model="upernet_mobilevit_s", method="dense"), _row(s, model="upernet_swinv2_t", method="dense")
-    if mv.empty or sw.empty or dense_mv is None or dense_sw is None:
-        return "-", NOT_MEASURED, "sparsity sweep rows missing"
-    f = lambda d, base: ", ".join(f"{r.sparsity:g}: {r.miou - base['miou']:+.3f}" for r in d.itertuples())  # noqa: E731
-    worst_mv = float((mv["miou"] - dense_mv["miou"]).min())
-    worst_sw = float((sw["miou"] - dense_sw["miou"]).min())
-    verdict = SIGN_ONLY if worst_mv < worst_sw else NOT_REPRODUCED
-    return (f"mIoU change vs dense, MobileViT channels {f(mv, dense_mv)}; Swin MLP {f(sw, dense_sw)}", verdict,
-            "compares the worst drop of each model; no 'dense + same fine-tune' control or interval yet")
+    if mv.empty or sw.empty or "diff_vs_control" not in s:
+        return "-", NOT_MEASURED, "sparsity sweep rows (with a dense + same fine-tune control) missing"
+
+    def hurts_from(d):  # the lowest sparsity whose interval vs the control is entirely below 0
+        bad = d[d["verdict"] == "hurts"].sort_values("sparsity")
+        return float(bad["sparsity"].iloc[0]) if len(bad) else math.inf
+
+    f = lambda d: ", ".join(f"{r.sparsity:g}: {r.diff_vs_control:+.3f} [{r.ci95_low:+.3f}, {r.ci95_high:+.3f}]"  # noqa: E731
+                            for r in d.sort_values("sparsity").itertuples())
+    first_mv, first_sw = hurts_from(mv), hurts_from(sw)
+    verdict = (REPRODUCED if first_mv < first_sw else NOT_REPRODUCED if first_mv > first_sw else SIGN_ONLY)
+    fmt = lambda x: "never" if math.isinf(x) else f"{x:g}"  # noqa: E731
+    return (f"test mIoU vs dense + same fine-tune (95 % CI), MobileViT channels {f(mv)}; Swin MLP {f(sw)}",
+            verdict, f"first sparsity that detectably hurts: MobileViT {fmt(first_mv)}, Swin {fmt(first_sw)} "
+                     "(paired bootstrap over test images, one seed)")
 
 
 def _unstructured(t, profile):
@@ -203,7 +209,9 @@ def _structured45(t, profile):
     ratio_src = 31.0 / 11.4
     verdict = (REPRODUCED if ratio_src / 1.5 <= sp <= ratio_src * 1.5 and drop <= 0.02 else
                SIGN_ONLY if sp > 1.0 else NOT_REPRODUCED)
-    return (f"sparsity {r['sparsity']:g}: speed-up {sp:.2f}x (source {ratio_src:.2f}x), mIoU drop {drop:+.4f}",
+    lo, hi = _interval(r)
+    iv = f" (vs dense + same fine-tune, 95 % CI of the change [{lo:+.4f}, {hi:+.4f}])" if math.isfinite(lo) else ""
+    return (f"sparsity {r['sparsity']:g}: speed-up {sp:.2f}x (source {ratio_src:.2f}x), mIoU drop {drop:+.4f}{iv}",
             verdict, "speed-up within 1.5x of the source's and drop <= 0.02 for 'reproduced'; "
                      "source 001 is a detector on a Jetson, this is a segmenter on a CPU")
 

@@ -488,7 +488,9 @@ def run_study(ctx, model: nn.Module, teacher: nn.Module | None = None, kd_config
     ctrl = control_finetune(ctx, model, total)
     rows.append(result_row(ctx, None, ctrl, model_name, "control", start_steps))
     confusions[_key(rows[-1])] = np.asarray(ctrl[-1]["test_confusions"])
-    trajs["control"] = pd.DataFrame([{k: v for k, v in r.items() if k != "test_confusions"} for r in ctrl])
+    trajs["control"] = pd.DataFrame([{k: v for k, v in r.items() if k != "test_confusions"} for r in ctrl]).assign(
+        config="control: dense + same fine-tune", schedule="none", steps=0, importance="none", kd=False,
+        final_sparsity=0.0)
     log(f"  {'control: dense + same fine-tune':45s} test mIoU {rows[-1]['miou']:.4f}")
 
     def tag(cfg):

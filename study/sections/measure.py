@@ -133,22 +133,8 @@ class LatencyPlan:
 
     def _onnx(self, model: nn.Module, fp: str, dest: Path) -> Path:
         """Export ``model`` once per weights fingerprint and shape (kept in the cache), copy it to ``dest``."""
-        cache_root = getattr(getattr(self.ctx, "cache", None), "root", None)
-        if cache_root is None:
-            return export_onnx(model, dest, self.hw)
-        kept = Path(cache_root) / "onnx" / f"{fp}-{self.hw[0]}x{self.hw[1]}.onnx"
-        if not kept.exists() or getattr(self.ctx.cache, "fresh", False):
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp.onnx")
-            try:
-                export_onnx(model, tmp, self.hw)
-                os.replace(tmp, kept)
-            finally:
-                tmp.unlink(missing_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        shutil.copyfile(kept, tmp)
-        os.replace(tmp, dest)
-        return dest
+        return cached_file(self.ctx, dest, {"onnx": fp, "hw": list(self.hw)},
+                           lambda p: export_onnx(model, p, self.hw), name=f"{fp}-{self.hw[0]}x{self.hw[1]}")
 
     def file(self, tag: str, runtime: str = "ort") -> Path | None:
         """The file written for ``tag`` and ``runtime`` (None when it could not be written)."""
@@ -235,6 +221,52 @@ class LatencyPlan:
                 if r["error"]:
                     m[f"{rt}_error"] = r["error"]
         return out
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (16 hex chars) of a file's bytes (e.g. an fp32 ONNX model a quantized one is made from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def cached_file(ctx, dest: str | Path, key: dict, make, name: str | None = None,
+                modules: Sequence[str] = ("study.quant",)) -> Path:
+    """A derived file (ONNX export, INT8 / fp16 model) made once and kept in the cache.
+
+    The file lives under ``<cache>/files/<name or key hash><suffix>``; ``make(path)`` writes
+    it there the first time (to a temp name, renamed into place: an interrupted run leaves
+    no partial file); every call copies it to ``dest``. The key hashes ``key`` (which must
+    name every input, e.g. the fp32 file's :func:`file_digest`, the recipe, the calibration
+    images' digest) and the source of ``modules`` (the code that makes the file). Without a
+    cache on ``ctx`` (tests), ``make(dest)`` is called directly.
+
+    Returns:
+        ``Path(dest)``.
+    """
+    dest = Path(dest)
+    cache = getattr(ctx, "cache", None)
+    if cache is None or getattr(cache, "root", None) is None:
+        return Path(make(dest))
+    k = make_key(key, modules=list(modules))
+    kept = Path(cache.root) / "files" / f"{name or k}-{k[:8]}{dest.suffix}"
+    if not kept.exists() or getattr(cache, "fresh", False):
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_name(f".{kept.stem}.{os.getpid()}.tmp{dest.suffix}")
+        try:
+            made = Path(make(tmp))
+            os.replace(made, kept)
+        finally:
+            tmp.unlink(missing_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copyfile(kept, tmp)
+    os.replace(tmp, dest)
+    return dest
 
 
 def _native(obj):
@@ -340,5 +372,5 @@ def measure_model(ctx, model: nn.Module, input_hw: Sequence[int], onnx_path: str
     return plan.measure(bench_latency=bench)[tag]
 
 
-__all__ = ["LatencyPlan", "protocol", "measure_model", "latency_columns", "verdict_vs", "interval", "RUNTIMES",
+__all__ = ["cached_file", "file_digest", "LatencyPlan", "protocol", "measure_model", "latency_columns", "verdict_vs", "interval", "RUNTIMES",
            "COLUMNS", "monotonic_in_macs"]

@@ -42,6 +42,8 @@ Notebook 08's path::
 """
 from __future__ import annotations
 
+import hashlib
+
 import copy
 import math
 import time
@@ -61,10 +63,11 @@ from ..metrics import verdict as ci_verdict
 from ..models import gmacs, model_complexity, model_fingerprint
 from ..train import seed_everything
 from . import distillation
-from .common import build, cached, finetune, finetune_config
-from .rows import table_row
 from . import quantization
+from .common import build, cached, finetune, finetune_config
+from .measure import cached_file, file_digest
 from .quantization import calibration_images, eval_arrays
+from .rows import table_row
 from .structured_pruning import calibration_batches
 
 SECTION = "pipeline"
@@ -484,8 +487,8 @@ def alignment_table(lat: pd.DataFrame, aligned: str, unaligned: str, gmacs_align
 # --------------------------------------------------------------------------- step 4: export
 
 def export_variants(model: nn.Module, work_dir: str | Path, name: str, hw: Sequence[int], calib_x: np.ndarray,
-                    precisions: Sequence[str] = PRECISIONS, int8_recipe: str = quantization.DEFAULT_RECIPE
-                    ) -> dict[str, Path]:
+                    precisions: Sequence[str] = PRECISIONS, int8_recipe: str = quantization.DEFAULT_RECIPE,
+                    ctx=None) -> dict[str, Path]:
     """Export one model in every precision of ``precisions``.
 
     ``fp32``: :func:`study.quant.export_onnx` (checked, simplified; fixed input
@@ -501,6 +504,9 @@ def export_variants(model: nn.Module, work_dir: str | Path, name: str, hw: Seque
             training images at ``hw``).
         precisions: subset of :data:`PRECISIONS`.
         int8_recipe: a key of :data:`study.quant.INT8_RECIPES` (:func:`int8_choice`).
+        ctx: with a context, every file is made once and kept in the cache
+            (:func:`.measure.cached_file`: keyed by the weights fingerprint, the fp32 file's
+            bytes, the recipe and the calibration images); a warm run copies them.
 
     Returns:
         ``{precision: Path}`` in the order of ``precisions``.
@@ -514,15 +520,21 @@ def export_variants(model: nn.Module, work_dir: str | Path, name: str, hw: Seque
         raise ValueError(f"export_variants: unknown precision(s) {bad}; expected some of {PRECISIONS}")
     recipe = quant.INT8_RECIPES[int8_recipe]
     work = Path(work_dir)
-    fp32 = quant.export_onnx(model, work / f"{name}.fp32.onnx", tuple(hw))
+    hw = tuple(hw)
+    fp32 = cached_file(ctx, work / f"{name}.fp32.onnx", {"onnx": model_fingerprint(model), "hw": list(hw)},
+                       lambda q: quant.export_onnx(model, q, hw))
+    src = file_digest(fp32)
     out = {}
     for p in precisions:
         if p == "fp32":
             out[p] = fp32
         elif p == "fp16":
-            out[p] = quant.convert_fp16(fp32, work / f"{name}.fp16.onnx")
+            out[p] = cached_file(ctx, work / f"{name}.fp16.onnx", {"fp16": src},
+                                 lambda q: quant.convert_fp16(fp32, q))
         else:
-            out[p] = quant.quantize_recipe(fp32, work / f"{name}.int8.onnx", recipe, calib_x, table_dir=work)
+            calib = hashlib.sha256(np.ascontiguousarray(calib_x).tobytes()).hexdigest()[:16]
+            out[p] = cached_file(ctx, work / f"{name}.int8.onnx", {"int8": src, "recipe": repr(recipe), "calib": calib},
+                                 lambda q: quant.quantize_recipe(fp32, q, recipe, calib_x, table_dir=work))
     return out
 
 

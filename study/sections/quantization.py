@@ -34,7 +34,8 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD, load_split_arrays
 from .common import build, loaders, trained_model
 from .rows import table_row
 from .distillation import kd_student
-from .measure import protocol
+from ..models import model_fingerprint
+from .measure import cached_file, file_digest, protocol
 from .structured_pruning import pruned_variant
 
 SECTION = "quantization"
@@ -137,7 +138,7 @@ _SELECTION: dict = {}
 def selection_arrays(ctx) -> tuple[np.ndarray, np.ndarray]:
     """The val split as model inputs (memoised per context): what recipe choices are made on
     (``val_miou`` column; :func:`recipe_summary`'s budget check), never the reported test."""
-    key = (id(ctx), ctx.profile, str(ctx.data_root))
+    key = (id(ctx), ctx.profile.name, bool(getattr(ctx.profile, "dry_run", False)), str(ctx.data_root))
     if key not in _SELECTION:
         _SELECTION.clear()
         _SELECTION[key] = split_arrays(ctx, "val", limit=(ctx.profile.n_val if getattr(ctx.profile, "dry_run", False) else None))
@@ -155,7 +156,7 @@ def model_budgets(ctx) -> dict:
     plus the recovery fine-tune (``finetune_steps``). Post-training quantization adds none.
     Memoised per context.
     """
-    key = (id(ctx), ctx.profile)
+    key = (id(ctx), ctx.profile.name, bool(getattr(ctx.profile, "dry_run", False)))
     if key not in _BUDGETS:
         dense = trained_model(ctx, STUDENT)[1]["train_steps"]
         _BUDGETS.clear()
@@ -249,8 +250,12 @@ def selective_recipe(float_groups: Sequence[str]) -> quant.Int8Recipe:
 
 
 def build_recipes(fp32_path: str | Path, recipes: Iterable[quant.Int8Recipe], calib_images: np.ndarray,
-                  work_dir: str | Path, prefix: str | None = None) -> dict[str, Path]:
+                  work_dir: str | Path, prefix: str | None = None, ctx=None) -> dict[str, Path]:
     """Quantize one fp32 model with each recipe (:func:`study.quant.quantize_recipe`).
+
+    With ``ctx``, every INT8 file is made once and kept in the cache
+    (:func:`.measure.cached_file`, keyed by the fp32 file's bytes, the recipe, the
+    calibration images and the :mod:`study.quant` source): a warm run copies it.
 
     Args:
         fp32_path: the exported fp32 model.
@@ -264,8 +269,31 @@ def build_recipes(fp32_path: str | Path, recipes: Iterable[quant.Int8Recipe], ca
     """
     work_dir = Path(work_dir)
     prefix = prefix or Path(fp32_path).stem
-    return {r.name: quant.quantize_recipe(fp32_path, work_dir / f"{prefix}.{r.name}.onnx", r, calib_images,
-                                          table_dir=work_dir) for r in recipes}
+    if ctx is None:
+        return {r.name: quant.quantize_recipe(fp32_path, work_dir / f"{prefix}.{r.name}.onnx", r, calib_images,
+                                              table_dir=work_dir) for r in recipes}
+    src, cal = file_digest(fp32_path), _array_digest(calib_images)
+    out = {}
+    for r in recipes:
+        out[r.name] = cached_file(
+            ctx, work_dir / f"{prefix}.{r.name}.onnx", {"int8": src, "recipe": repr(r), "calib": cal},
+            lambda p, r=r: quant.quantize_recipe(fp32_path, p, r, calib_images, table_dir=work_dir))
+    return out
+
+
+def export_fp32(ctx, model: nn.Module, path: str | Path) -> Path:
+    """:func:`study.quant.export_onnx` of ``model`` at :func:`input_hw`, made once per weights
+    fingerprint and kept in the cache (:func:`.measure.cached_file`)."""
+    hw = input_hw(ctx)
+    return cached_file(ctx, path, {"onnx": model_fingerprint(model), "hw": list(hw)},
+                       lambda p: quant.export_onnx(model.eval(), p, hw))
+
+
+def _array_digest(a: np.ndarray) -> str:
+    import hashlib
+
+    a = np.ascontiguousarray(a)
+    return hashlib.sha256(str((a.shape, a.dtype)).encode() + a.tobytes()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- measurement
@@ -640,7 +668,7 @@ def verdict(df: pd.DataFrame, main: str = MAIN, control: str = RESNET) -> list[s
 
 __all__ = ["SECTION", "CALIB_SPLIT", "EVAL_SPLIT", "STUDENT", "SECOND", "PRUNE_SPARSITY", "DENSE", "MAIN", "PRUNED",
            "RESNET", "FP32", "DEFAULT_RECIPE", "SHORT_RECIPES", "SPEEDUP_TARGET", "MIOU_LOSS_BUDGET", "input_hw",
-           "threads", "model_budgets", "selection_arrays", "split_arrays", "calibration_images", "eval_arrays", "sensitivity_images", "pruned_student",
+           "threads", "export_fp32", "model_budgets", "selection_arrays", "split_arrays", "calibration_images", "eval_arrays", "sensitivity_images", "pruned_student",
            "study_models", "slug", "recipes_for", "sweep_models", "sensitivity_groups", "selective_recipe",
            "build_recipes", "paired_speedup", "node_summary", "measure_variants", "variant_row", "torch_rows",
            "calibration_sizes", "calibration_size_sweep", "calibration_method_sweep", "op_breakdown",
