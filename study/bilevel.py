@@ -114,14 +114,21 @@ class ChannelMask(nn.Module):
 
     Args:
         channels: number of channels C (>= 1).
-        tau: threshold (default 0.5; ``s`` starts at 1 > tau, i.e. everything kept).
+        tau: threshold (default 0.5).
+        init: initial value of every ``s`` (default 1, source 002); must be > ``tau``
+            (everything kept at the start).
+
+    Raises:
+        ValueError: ``channels < 1`` or ``init <= tau``.
     """
 
-    def __init__(self, channels: int, tau: float = 0.5):
+    def __init__(self, channels: int, tau: float = 0.5, init: float = 1.0):
         super().__init__()
         if channels < 1:
             raise ValueError(f"ChannelMask: channels must be >= 1, got {channels}")
-        self.s = nn.Parameter(torch.ones(channels))
+        if not init > tau:
+            raise ValueError(f"ChannelMask: init={init} must be above tau={tau} (start with every channel kept)")
+        self.s = nn.Parameter(torch.full((channels,), float(init)))
         self.tau = float(tau)
         self.mode = "ste"
 
@@ -300,12 +307,12 @@ class MaskedModel:
             ``dense - sum(conv/linear MACs)``, a constant.
     """
 
-    def __init__(self, model: nn.Module, groups: list, input_hw, tau: float = 0.5):
+    def __init__(self, model: nn.Module, groups: list, input_hw, tau: float = 0.5, s_init: float = 1.0):
         self.model = model
         self.groups = groups
         self.input_hw = tuple(int(v) for v in input_hw)
         dev = next(model.parameters()).device
-        self.masks = nn.ModuleList([ChannelMask(g.channels, tau) for g in groups]).to(dev)
+        self.masks = nn.ModuleList([ChannelMask(g.channels, tau, s_init) for g in groups]).to(dev)
         self._hooks = []
         self._specs = self._conv_specs()
         self.dense_gmacs = gmacs(model, self.input_hw)
@@ -448,7 +455,7 @@ class MaskedModel:
 
 
 def attach_masks(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=None,
-                 tau: float = 0.5, input_hw: Sequence[int] | None = None) -> MaskedModel:
+                 tau: float = 0.5, input_hw: Sequence[int] | None = None, s_init: float = 1.0) -> MaskedModel:
     """Insert one :class:`ChannelMask` per torch-pruning dependency group.
 
     The mask of a group multiplies the OUTPUT channels of every module that writes the
@@ -464,6 +471,7 @@ def attach_masks(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=
             :func:`default_ignored_layers`: the classifier and attention q/k/v).
         tau: mask threshold.
         input_hw: size the MACs refer to (default: the example input's H, W).
+        s_init: initial scale of every channel (> ``tau``; default 1, source 002).
 
     Returns:
         :class:`MaskedModel`.
@@ -477,7 +485,7 @@ def attach_masks(model: nn.Module, example_inputs: torch.Tensor, ignored_layers=
     if not groups:
         raise ValueError("attach_masks: torch-pruning found no prunable channel group in model")
     hw = tuple(example_inputs.shape[-2:]) if input_hw is None else tuple(input_hw)
-    return MaskedModel(model, groups, hw, tau=tau)
+    return MaskedModel(model, groups, hw, tau=tau, s_init=s_init)
 
 
 def masked_macs(mm: MaskedModel, gates: list | None = None) -> torch.Tensor:
@@ -485,11 +493,27 @@ def masked_macs(mm: MaskedModel, gates: list | None = None) -> torch.Tensor:
     return mm.macs(gates) / 1e9
 
 
-def macs_regulariser(macs_g: torch.Tensor, target_gmacs: float) -> torch.Tensor:
-    r""":math:`L_{reg} = (\mathrm{MACs}(b) - C)^2 / C^2` (source 002's
-    :math:`|\sum_l \mathrm{MACs}_l - C|^2`, divided by :math:`C^2` so that :math:`\beta`
-    does not depend on the unit or the resolution)."""
-    return ((macs_g - target_gmacs) / target_gmacs) ** 2
+def macs_regulariser(macs_g: torch.Tensor, target_gmacs: float, norm: str = "target") -> torch.Tensor:
+    r"""MACs penalty :math:`L_{reg}` of the upper level.
+
+    - ``norm="target"`` (this study's default): :math:`(\mathrm{MACs}(b) - C)^2 / C^2`, so that
+      :math:`\beta` does not depend on the unit or the resolution;
+    - ``norm="source002"``: source 002's literal :math:`|\sum_l \mathrm{MACs}_l - C|^2` with
+      MACs in GMACs.
+
+    Args:
+        macs_g: GMACs of the masked network (float64 scalar tensor, differentiable).
+        target_gmacs: the budget C, GMACs (> 0).
+        norm: ``"target"`` or ``"source002"``.
+
+    Raises:
+        ValueError: unknown ``norm``.
+    """
+    if norm == "target":
+        return ((macs_g - target_gmacs) / target_gmacs) ** 2
+    if norm == "source002":
+        return (macs_g - target_gmacs) ** 2
+    raise ValueError(f"macs_regulariser: unknown norm {norm!r} (expected 'target' or 'source002')")
 
 
 def _check_target(target_gmacs, dense_gmacs: float, floor_gmacs: float = 0.0) -> float:
@@ -749,9 +773,54 @@ def masks_from_scores(mm: MaskedModel, scores: list, target_gmacs: float, min_ke
     return {g.key: k.cpu() for g, k in zip(mm.groups, keeps)}
 
 
+#: Source 002's parameterisation (as far as the slides state it): ``s`` starts at 1,
+#: threshold 0.5, :math:`L_{reg} = |\mathrm{MACs} - C|^2` (here normalised by :math:`C^2`),
+#: per-element Adam on ``s`` as in BiP. Pass as ``**SOURCE002_PARAMS`` to :func:`bilevel_search`.
+SOURCE002_PARAMS = {"s_init": 1.0, "tau": 0.5, "lr_s": 0.02, "reg_scale": 1.0, "s_optim": "adam", "keep_alive": False}
+#: This study's calibrated parameterisation (the defaults of :func:`bilevel_search`): ``s``
+#: starts 0.1 above the threshold, the penalty is scaled by the number of mask entries
+#: (``reg_scale="channels"``: :math:`\beta` then weighs the penalty's gradient per average
+#: channel, comparable with the CE gradient of one channel) and the mask step uses one
+#: shared second moment for all of ``s`` (relative per-channel gradients are kept, so
+#: channels leave in the order of their net gradient instead of all at once). See
+#: notebook 06 for how it maps to source 002's.
+CALIBRATED_PARAMS = {"s_init": 0.6, "tau": 0.5, "lr_s": 0.02, "reg_scale": "channels", "s_optim": "adam_shared",
+                     "keep_alive": False}
+
+
+class _SharedAdam:
+    """Adam on a list of tensors with ONE second-moment estimate (mean of g^2 over all
+    entries) instead of one per entry: the step keeps the relative sizes of the
+    per-channel gradients (momentum SGD whose scale is set by the RMS gradient)."""
+
+    def __init__(self, params: list, lr: float, betas=(0.9, 0.99), eps: float = 1e-12):
+        self.params, self.lr, self.b1, self.b2, self.eps = list(params), float(lr), betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = 0.0
+        self.t = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        gs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        ms = float(torch.cat([g.flatten() for g in gs]).double().pow(2).mean())
+        self.v = self.b2 * self.v + (1 - self.b2) * ms
+        vhat = self.v / (1 - self.b2 ** self.t)
+        for p, g, m in zip(self.params, gs, self.m):
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            mhat = m / (1 - self.b1 ** self.t)
+            p.sub_(self.lr * mhat / (math.sqrt(vhat) + self.eps))
+
+
 def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input_hw: Sequence[int],
                    beta: float = 0.01, lam: float = 0.1, tau: float = 0.5, inner_steps: int = 1,
                    steps: int = 100, implicit: bool = True, lr_w: float = 5e-4, lr_s: float = 0.02,
+                   s_init: float = 0.6, reg_scale: float | str = "channels", reg_norm: str = "target",
+                   s_optim: str = "adam_shared", keep_alive: bool = False,
                    l2_scale: float = 1e-3, min_keep_frac: float = 0.1, seed: int = 0,
                    ignored_layers=None, loss_fn: Callable | None = None, project: bool = True,
                    log_every: int = 0, mm: MaskedModel | None = None) -> SearchResult:
@@ -765,15 +834,28 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
        (``l2_scale = 1`` is the literal objective; the default ``1e-3`` makes
        ``lam = 0.1`` the usual AdamW decay of 0.01 - the literal 1/lam = 10 collapses a
        trained network within a few dozen steps, see the notebook);
-    2. upper level - one Adam step on ``s`` on a different batch B with
-       :math:`g_s = \nabla_s[\mathrm{CE} + \beta L_{reg}] - \lambda\, b \odot
+    2. upper level - one step on ``s`` on a different batch B with
+       :math:`g_s = \nabla_s[\mathrm{CE} + \beta K L_{reg}] - \lambda\, b \odot
        \sum_{j\in\mathcal W_c} (\nabla_{w_j}\mathrm{CE})^2` (last term only when
-       ``implicit``; :func:`implicit_term`); ``s`` is clipped to [0, 2].
+       ``implicit``; :func:`implicit_term`; :math:`K` = ``reg_scale``); ``s`` is clipped
+       to [0, 2]. This step runs its own forward / backward through the network (batch B):
+       per iteration the search costs ``inner_steps + 1`` forward/backward passes but
+       updates the weights only ``inner_steps`` times.
 
     After the search, if ``project``, the final masks are the global threshold on ``s``
     whose MACs are closest to the target (:func:`masks_from_scores`); the raw hard-mask
-    MACs are reported too (``gmacs_raw``). The weights of ``model`` are updated in place
-    (the search trains them); masks are removed from ``model`` at the end.
+    MACs at the end of the search, before any projection, are ``gmacs_raw``. The weights of
+    ``model`` are updated in place (the search trains them); masks are removed from
+    ``model`` at the end.
+
+    Parameterisation (defaults :data:`CALIBRATED_PARAMS`; source 002's is
+    :data:`SOURCE002_PARAMS`): ``s_init`` (every ``s`` starts there, > ``tau``),
+    ``reg_scale`` (:math:`K`: a float, or ``"channels"`` for the number of mask entries),
+    ``reg_norm`` (:func:`macs_regulariser`), ``s_optim`` (``"adam"``: torch Adam, one
+    second moment per entry, as BiP; ``"adam_shared"``: one second moment for all of ``s``),
+    ``keep_alive`` (after each mask step the top ``ceil(min_keep_frac * C)`` scales of every
+    group are kept above ``tau``: a group never switches off entirely, where the MACs
+    gradient of its channels would vanish).
 
     Args:
         model: network to search (e.g. a trained TopFormer-B), float32, train mode used.
@@ -786,7 +868,8 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
         inner_steps: weight steps per mask step (k).
         steps: mask steps.
         implicit: use the implicit-gradient term (False: source 002 Table 3 ablation).
-        lr_w, lr_s: learning rates of weights (AdamW) and scales (Adam).
+        lr_w, lr_s: learning rates of weights (AdamW) and scales.
+        s_init, reg_scale, reg_norm, s_optim: see above.
         l2_scale: scale of the lower-level L2 term (see above).
         min_keep_frac: fraction of each group's channels always kept by the projection.
         seed: seeds the batch order (through torch) and nothing else.
@@ -794,17 +877,23 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
         loss_fn: ``(logits, target) -> loss`` (default CE with ignore 255).
         project: project the final masks onto the MACs target.
         log_every: print progress every N steps (0: silent).
-        mm: reuse an existing :class:`MaskedModel` of ``model``.
+        mm: reuse an existing :class:`MaskedModel` of ``model`` (its ``s`` is used as is).
 
     Returns:
-        :class:`SearchResult`.
+        :class:`SearchResult` (``history["gmacs"]``: hard-mask GMACs at each mask step;
+        ``weight_steps`` / ``mask_steps`` / ``batches`` counts in ``config``).
 
     Raises:
         ValueError: bad ``target_gmacs`` (<= 0 or above the dense MACs), ``steps < 1``,
-            ``inner_steps < 1``, ``beta < 0`` or ``lam <= 0``.
+            ``inner_steps < 1``, ``beta < 0``, ``lam <= 0``, ``lr_s <= 0``, ``s_init <= tau``,
+            unknown ``reg_scale`` / ``reg_norm`` / ``s_optim``.
     """
     for nm, v, ok in (("steps", steps, steps >= 1), ("inner_steps", inner_steps, inner_steps >= 1),
-                      ("beta", beta, beta >= 0), ("lam", lam, lam > 0), ("lr_s", lr_s, lr_s > 0)):
+                      ("beta", beta, beta >= 0), ("lam", lam, lam > 0), ("lr_s", lr_s, lr_s > 0),
+                      ("s_init", s_init, s_init > tau), ("s_optim", s_optim, s_optim in ("adam", "adam_shared")),
+                      ("reg_norm", reg_norm, reg_norm in ("target", "source002")),
+                      ("reg_scale", reg_scale, reg_scale == "channels" or
+                       (isinstance(reg_scale, (int, float)) and reg_scale >= 0))):
         if not ok:
             raise ValueError(f"bilevel_search: bad {nm}={v!r}")
     loss_fn = loss_fn or _ce
@@ -812,12 +901,15 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
     torch.manual_seed(seed)
     if mm is None:
         mm = attach_masks(model, torch.zeros(1, 3, *input_hw, device=dev), ignored_layers, tau=tau,
-                          input_hw=input_hw)
+                          input_hw=input_hw, s_init=s_init)
     target = _check_target(target_gmacs, mm.dense_gmacs)
+    n_mask = sum(g.channels for g in mm.groups)
+    k_reg = float(n_mask) if reg_scale == "channels" else float(reg_scale)
+    n_keep = [max(1, math.ceil(min_keep_frac * g.channels)) for g in mm.groups]
     ws = [p for p in model.parameters() if p.requires_grad]
     ss = [m.s for m in mm.masks]
     opt_w = torch.optim.AdamW(ws, lr=lr_w, weight_decay=l2_scale / lam)
-    opt_s = torch.optim.Adam(ss, lr=lr_s)
+    opt_s = torch.optim.Adam(ss, lr=lr_s) if s_optim == "adam" else _SharedAdam(ss, lr=lr_s)
     batches = batch_stream(train_loader)
     hist = {k: [] for k in ("step", "ce", "gmacs", "reg", "implicit_norm", "grad_s_norm", "kept_frac")}
     t0, c0 = time.perf_counter(), time.process_time()
@@ -837,8 +929,8 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
         opt_s.zero_grad(set_to_none=True)
         ce = loss_fn(model(x), y)
         macs_g = masked_macs(mm)
-        reg = macs_regulariser(macs_g, target)
-        (ce + beta * reg.float()).backward()
+        reg = macs_regulariser(macs_g, target, reg_norm)
+        (ce + beta * k_reg * reg.float()).backward()
         imp_norm = 0.0
         if implicit:
             terms = implicit_term(mm, lam)
@@ -848,8 +940,11 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
         gnorm = float(torch.cat([m.s.grad.flatten() for m in mm.masks if m.s.grad is not None]).norm())
         opt_s.step()
         with torch.no_grad():
-            for m in mm.masks:
+            for m, nk in zip(mm.masks, n_keep):
                 m.s.clamp_(0.0, 2.0)
+                if keep_alive:  # the top ceil(min_keep_frac * C) channels of a group stay above tau
+                    top = torch.topk(m.s, nk).indices
+                    m.s[top] = m.s[top].clamp_min(tau + 1e-3)
         opt_w.zero_grad(set_to_none=True)
         kept = torch.cat([m.hard() for m in mm.masks]).float().mean().item()
         for k, v in (("step", step), ("ce", ce.item()), ("gmacs", float(macs_g.detach())), ("reg", float(reg.detach())),
@@ -872,7 +967,9 @@ def bilevel_search(model: nn.Module, train_loader, target_gmacs: float, *, input
     mm.remove()
     cfg = dict(target_gmacs=target, input_hw=list(input_hw), beta=beta, lam=lam, tau=tau,
                inner_steps=inner_steps, steps=steps, implicit=implicit, lr_w=lr_w, lr_s=lr_s,
-               l2_scale=l2_scale, min_keep_frac=min_keep_frac, seed=seed, project=project)
+               s_init=s_init, keep_alive=keep_alive, reg_scale=reg_scale, reg_scale_value=k_reg, reg_norm=reg_norm, s_optim=s_optim,
+               l2_scale=l2_scale, min_keep_frac=min_keep_frac, seed=seed, project=project,
+               weight_steps=steps * inner_steps, mask_steps=steps, batches=steps * (inner_steps + 1))
     return SearchResult(masks=keep, widths=widths, history=hist, s=s_vals, gmacs_raw=raw,
                         gmacs_final=final, wall_s=wall, cpu_s=cpu, config=cfg)
 
@@ -1036,5 +1133,5 @@ def searched_model(model: nn.Module, result: SearchResult, input_hw: Sequence[in
 __all__ = ["ChannelMask", "MaskGroup", "MaskedModel", "SearchResult", "DEFAULT_IGNORED_NAME_PARTS",
            "default_ignored_layers", "find_groups", "attach_masks", "masked_macs", "macs_regulariser",
            "implicit_term", "exact_implicit_term", "implicit_agreement", "widths_of", "masks_from_scores",
-           "bilevel_search", "sync_static_channels", "apply_masks", "magnitude_scores",
+           "bilevel_search", "SOURCE002_PARAMS", "CALIBRATED_PARAMS", "sync_static_channels", "apply_masks", "magnitude_scores",
            "magnitude_prune_to_macs", "uniform_width", "random_masks_to_macs", "searched_model"]
