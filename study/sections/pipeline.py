@@ -42,8 +42,6 @@ Notebook 08's path::
 """
 from __future__ import annotations
 
-import hashlib
-
 import copy
 import math
 import time
@@ -532,7 +530,7 @@ def export_variants(model: nn.Module, work_dir: str | Path, name: str, hw: Seque
             out[p] = cached_file(ctx, work / f"{name}.fp16.onnx", {"fp16": src},
                                  lambda q: quant.convert_fp16(fp32, q))
         else:
-            calib = hashlib.sha256(np.ascontiguousarray(calib_x).tobytes()).hexdigest()[:16]
+            calib = quantization.array_digest(calib_x)
             out[p] = cached_file(ctx, work / f"{name}.int8.onnx", {"int8": src, "recipe": repr(recipe), "calib": calib},
                                  lambda q: quant.quantize_recipe(fp32, q, recipe, calib_x, table_dir=work))
     return out

@@ -272,7 +272,7 @@ def build_recipes(fp32_path: str | Path, recipes: Iterable[quant.Int8Recipe], ca
     if ctx is None:
         return {r.name: quant.quantize_recipe(fp32_path, work_dir / f"{prefix}.{r.name}.onnx", r, calib_images,
                                               table_dir=work_dir) for r in recipes}
-    src, cal = file_digest(fp32_path), _array_digest(calib_images)
+    src, cal = file_digest(fp32_path), array_digest(calib_images)
     out = {}
     for r in recipes:
         out[r.name] = cached_file(
@@ -289,7 +289,9 @@ def export_fp32(ctx, model: nn.Module, path: str | Path) -> Path:
                        lambda p: quant.export_onnx(model.eval(), p, hw))
 
 
-def _array_digest(a: np.ndarray) -> str:
+def array_digest(a: np.ndarray) -> str:
+    """SHA-256 (16 hex chars) of an array's shape, dtype and bytes (e.g. the calibration images
+    an INT8 model was calibrated on: part of its cache key)."""
     import hashlib
 
     a = np.ascontiguousarray(a)
@@ -668,7 +670,7 @@ def verdict(df: pd.DataFrame, main: str = MAIN, control: str = RESNET) -> list[s
 
 __all__ = ["SECTION", "CALIB_SPLIT", "EVAL_SPLIT", "STUDENT", "SECOND", "PRUNE_SPARSITY", "DENSE", "MAIN", "PRUNED",
            "RESNET", "FP32", "DEFAULT_RECIPE", "SHORT_RECIPES", "SPEEDUP_TARGET", "MIOU_LOSS_BUDGET", "input_hw",
-           "threads", "export_fp32", "model_budgets", "selection_arrays", "split_arrays", "calibration_images", "eval_arrays", "sensitivity_images", "pruned_student",
+           "threads", "array_digest", "export_fp32", "model_budgets", "selection_arrays", "split_arrays", "calibration_images", "eval_arrays", "sensitivity_images", "pruned_student",
            "study_models", "slug", "recipes_for", "sweep_models", "sensitivity_groups", "selective_recipe",
            "build_recipes", "paired_speedup", "node_summary", "measure_variants", "variant_row", "torch_rows",
            "calibration_sizes", "calibration_size_sweep", "calibration_method_sweep", "op_breakdown",
