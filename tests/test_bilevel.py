@@ -369,13 +369,21 @@ def test_section_plan_budgets():
         sec.budget_split("bilevel", 3, 4)
 
 
-def test_choose_search_uses_val():
-    def pt(beta, val, test, implicit=True):
-        return {"val_miou": val, "scores": {"miou": test},
-                "search": {"config": {"beta": beta, "lam": 0.1, "implicit": implicit}}}
+def test_choose_search_uses_val_among_points_that_meet_the_budget():
+    def pt(beta, val, test, implicit=True, raw=1.0):
+        return {"val_miou": val, "scores": {"miou": test}, "target_gmacs": 1.0,
+                "search": {"gmacs_raw": raw, "config": {"beta": beta, "lam": 0.1, "implicit": implicit}}}
 
     pts = [pt(0.001, 0.2, 0.9), pt(0.01, 0.3, 0.1), pt(0.1, 0.9, 0.0, implicit=False)]
     assert sec.choose_search(pts) == {"beta": 0.01, "lam": 0.1, "implicit": True}
+    # a better val score does not win when its search missed the MACs target by > 10 %
+    pts = [pt(0.001, 0.5, 0.0, raw=1.3), pt(0.01, 0.4, 0.0, raw=0.95), pt(0.1, 0.3, 0.0, raw=1.05)]
+    assert sec.choose_search(pts)["beta"] == 0.01
+    # none within 10 %: the closest raw MACs wins, whatever val says
+    pts = [pt(0.001, 0.5, 0.0, raw=1.6), pt(0.1, 0.1, 0.0, raw=1.2)]
+    assert sec.choose_search(pts)["beta"] == 0.1
+    assert sec.raw_target_error(pts[0]) == pytest.approx(0.6)
+    assert sec.raw_target_error({"search": None, "target_gmacs": 1.0}) != sec.raw_target_error(pts[0])
 
 
 def test_section_compress_rejects_unknown_method(smoke_ctx):

@@ -14,7 +14,7 @@ parameterization) is :mod:`study.bilevel`, which takes no context. Paths:
 - :func:`hand_designed` - TopFormer-T/S trained like the parent plus the same post-parent
   budget (cached).
 - :func:`plan` - the profile's search / sweep lengths, budgets and sweep values.
-- :func:`choose_search` - the search hyper-parameters chosen on val from the sweep.
+- :func:`choose_search` - the search hyper-parameters chosen from the sweep (MACs budget met, then val).
 - :func:`row` - one table row (through :func:`study.sections.rows.table_row`) with the
   budget columns, ``gmacs_raw`` / ``target_gmacs``, ``params_removed`` / ``macs_removed`` and
   the paired-bootstrap comparison with a reference arm (:func:`compare`); each row's model
@@ -123,22 +123,22 @@ def plan(profile: Profile, full_grid: bool = False) -> Plan:
 
     ``budget = max(finetune_steps, main_steps + max(1, finetune_steps // 5))``: on ``cpu``
     150 = 120 search weight updates + 30 fine-tune steps for the searched models, 150
-    fine-tune steps for every other arm. Sweep points search ``main_steps // 3`` steps (all
-    of them with ``full_grid`` or in ``paper``) plus ``max(1, finetune_steps // 5)``
-    fine-tune steps. Core sweeps: beta in {0.001, 0.01, 0.1}, lambda in {0.01, 0.1, 1};
+    fine-tune steps for every other arm. Sweep points search as long as the main searches
+    and get the same budget (a shorter sweep stops before the masks settle: on ``cpu`` at 40
+    steps every beta still sat 12-40 % above the S target, so their ``gmacs_raw`` could not
+    tell the settings apart; :func:`choose_search` needs it). Core sweeps: beta in {0.001, 0.01, 0.1}, lambda in {0.01, 0.1, 1};
     ``full_grid`` adds source 002's beta = 1.
     """
     smoke, paper = profile.name == "smoke", profile.name == "paper"
     full = bool(full_grid) or paper
     ft_min = max(1, profile.finetune_steps // 5)
     main = int(profile.search_steps)
-    sweep = main if full else max(2, main // 3)
     if smoke:
         betas, lams = (0.01, 1.0), (0.1, 1.0)
     else:
         betas, lams = ((0.001, 0.01, 0.1, 1.0) if full else (0.001, 0.01, 0.1)), (0.01, 0.1, 1.0)
     return Plan(main_steps=main, budget=max(int(profile.finetune_steps), main + ft_min),
-                sweep_steps=sweep, sweep_budget=sweep + ft_min, betas=betas, lams=lams,
+                sweep_steps=main, sweep_budget=max(int(profile.finetune_steps), main + ft_min), betas=betas, lams=lams,
                 deeplab_ratios=(7.6 / 9.5, 4.3 / 9.5) if paper else (4.3 / 9.5,), full_grid=full)
 
 
@@ -349,15 +349,36 @@ def compare(arm: dict, ref: dict, seed: int = 0) -> dict:
             "equal_train_steps": int(arm["train_steps"]) == int(ref["train_steps"])}
 
 
-def choose_search(sweep: Sequence[dict]) -> dict:
-    """The search settings with the highest **val** mIoU among implicit-term sweep points.
+#: A search "reaches its target by itself" when its hard-mask MACs at the end, before the
+#: projection (``gmacs_raw``), are within this fraction of ``target_gmacs`` (issue #14).
+RAW_TOLERANCE = 0.10
+
+
+def raw_target_error(res: dict) -> float:
+    """``|gmacs_raw - target_gmacs| / target_gmacs`` of a :func:`compress` result (fraction;
+    NaN for arms without a search)."""
+    srch = res.get("search") or {}
+    raw, tgt = float(srch.get("gmacs_raw", NAN)), float(res.get("target_gmacs", NAN))
+    return abs(raw - tgt) / tgt if raw == raw and tgt == tgt and tgt > 0 else NAN
+
+
+def choose_search(sweep: Sequence[dict], tolerance: float = RAW_TOLERANCE) -> dict:
+    """The search settings chosen from the sweep, on **val** and on MACs (never on test).
+
+    A search hyper-parameter must first let the search meet its own MACs budget (the
+    projection only tidies up): among the implicit-term sweep points, those whose
+    :func:`raw_target_error` is <= ``tolerance`` are eligible and the one with the highest
+    val mIoU wins. When no point is eligible (short sweeps may stop before the masks
+    settle), the point with the smallest raw MACs error wins, ties by val mIoU.
 
     Args:
         sweep: :func:`compress` results of ``method="bilevel"`` (their ``search["config"]``
-            holds ``beta``, ``lam``, ``implicit``).
+            holds ``beta``, ``lam``, ``implicit``; ``search["gmacs_raw"]`` and
+            ``target_gmacs`` the MACs; ``val_miou`` the val score).
+        tolerance: relative raw-MACs error that counts as meeting the target (fraction).
 
     Returns:
-        ``{"beta", "lam", "implicit": True}`` of the best point (ties: the first).
+        ``{"beta", "lam", "implicit": True}`` of the chosen point (ties: the first).
 
     Raises:
         ValueError: no sweep point with the implicit term.
@@ -365,8 +386,14 @@ def choose_search(sweep: Sequence[dict]) -> dict:
     pts = [r for r in sweep if r["search"]["config"]["implicit"]]
     if not pts:
         raise ValueError("choose_search: no sweep point with the implicit term")
-    best = pts[max(range(len(pts)), key=lambda i: (pts[i]["val_miou"], -i))]
-    cfg = best["search"]["config"]
+    err = [raw_target_error(r) for r in pts]
+    err = [e if e == e else float("inf") for e in err]
+    ok = [i for i in range(len(pts)) if err[i] <= tolerance]
+    if ok:
+        i_best = max(ok, key=lambda i: (pts[i]["val_miou"], -i))
+    else:
+        i_best = min(range(len(pts)), key=lambda i: (err[i], -pts[i]["val_miou"], i))
+    cfg = pts[i_best]["search"]["config"]
     return {"beta": float(cfg["beta"]), "lam": float(cfg["lam"]), "implicit": True}
 
 
@@ -529,5 +556,5 @@ def claim_lines(verdicts: pd.DataFrame, sweep: pd.DataFrame) -> list[str]:
 
 __all__ = ["SECTION", "METHODS", "CONTROL", "DEFAULT_SEARCH", "SOURCE002_SEARCH", "SOURCE002", "SOURCE002_COLUMNS",
            "SOURCE002_SWEEPS", "Plan", "plan", "budget_split", "input_hw", "dense_gmacs", "cpu_cores", "compress",
-           "hand_designed", "parent", "compare", "choose_search", "row", "add_latency", "verdict", "claim_lines",
+           "hand_designed", "parent", "compare", "choose_search", "raw_target_error", "RAW_TOLERANCE", "row", "add_latency", "verdict", "claim_lines",
            "source002_table"]
