@@ -58,9 +58,8 @@ writes the integer operators directly.
 
 All ONNX Runtime sessions here come from :func:`study.bench.ort_session` with a fixed
 number of intra-op threads (``threads``, default :data:`DEFAULT_THREADS` = 2) and one
-inter-op thread; the light rankers :func:`latency_ms` / :func:`paired_latency_ms` (for
-exploration) time with :func:`study.bench.time_callable`; reported latencies come from the
-study's protocol, :func:`study.bench.compare_latency`.
+inter-op thread. Nothing here times a model: every latency of the study comes from its one
+protocol, :func:`study.bench.compare_latency` (fresh process per model, interleaved rounds).
 Nothing here takes a study context: the notebook's data and cache live in
 :mod:`study.sections.quantization`.
 """
@@ -88,7 +87,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-from .bench import ort_session, time_callable
+from .bench import ort_session
 from .cache import atomic_write_bytes
 from .metrics import segmentation_scores
 
@@ -1202,67 +1201,6 @@ def amdahl_bound(mac_share: float, mac_speedup: float) -> float:
     return 1.0 / (1.0 - mac_share + mac_share / mac_speedup)
 
 
-def _probe_input(input_hw) -> np.ndarray:
-    """The fixed batch-1 timing input: float32 ``(1, 3, H, W)`` standard normal (seed 0)."""
-    h, w = _hw(input_hw)
-    return np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32)
-
-
-def latency_ms(onnx_path: str | os.PathLike, input_hw, runs: int = 30, warmup: int = 5,
-               threads: int = DEFAULT_THREADS) -> float:
-    """Median batch-1 latency of an ONNX model on ORT's CPU provider, ms.
-
-    Exactly ``warmup`` untimed and ``max(1, runs)`` timed calls on one fixed input
-    (:func:`study.bench.time_callable` with no minimum durations). A light timer for ranking
-    quantization variants inside :func:`node_sensitivity`; the reported numbers of the study
-    come from :func:`study.bench.benchmark_onnx` (p50/p99, FPS, peak RSS).
-
-    Raises:
-        FileNotFoundError: no such model.
-        ValueError: a bad ``input_hw``.
-    """
-    x = _probe_input(input_hw)
-    sess = ort_session(onnx_path, threads)
-    feed = {sess.get_inputs()[0].name: x}
-    t = time_callable(lambda: sess.run(None, feed), warmup_s=0.0, min_s=0.0, min_runs=max(1, runs),
-                      warmup_runs=max(0, warmup))
-    return float(np.median(t["latencies_s"]) * 1e3)
-
-
-def paired_latency_ms(ref_path: str | os.PathLike, path: str | os.PathLike, input_hw, runs: int = 20,
-                      warmup: int = 3, threads: int = DEFAULT_THREADS) -> tuple[float, float]:
-    """Median batch-1 latencies (ms) of two ONNX models timed alternately, run by run.
-
-    On a shared machine the load drifts; alternating the two sessions (A, B, A, B, ...:
-    ``warmup`` untimed pairs, then ``max(1, runs)`` timed pairs, one
-    :func:`study.bench.time_callable` loop whose even calls run A and odd calls run B)
-    exposes both to the same drift, so their difference (used to rank quantization
-    variants) is robust even when absolute timings move.
-
-    Returns:
-        ``(ref_ms, ms)``: median latency of ``ref_path`` and of ``path``, ms.
-
-    Raises:
-        FileNotFoundError: a model does not exist.
-        ValueError: a bad ``input_hw``.
-    """
-    x = _probe_input(input_hw)
-    sa, sb = ort_session(ref_path, threads), ort_session(path, threads)
-    feeds = ({sa.get_inputs()[0].name: x}, {sb.get_inputs()[0].name: x})
-    sessions = (sa, sb)
-    calls = [0]
-
-    def one_of_pair():
-        k = calls[0] % 2
-        calls[0] += 1
-        sessions[k].run(None, feeds[k])
-
-    n = max(1, runs)
-    t = time_callable(one_of_pair, warmup_s=0.0, min_s=0.0, min_runs=2 * n, warmup_runs=2 * max(0, warmup))
-    lat = t["latencies_s"]
-    return float(np.median(lat[0::2]) * 1e3), float(np.median(lat[1::2]) * 1e3)
-
-
 def quantizable_nodes(fp32_path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(node_name, op_type)`` of the pre-processed graph's nodes ORT's QDQ quantizer handles."""
     kinds = set(QDQRegistry) | set(QLinearOpsRegistry)
@@ -1323,16 +1261,16 @@ def _miou(logits: np.ndarray, masks) -> float | None:
 def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val_masks=None,
                      work_dir: str | os.PathLike | None = None, groups: dict[str, list[str]] | str = "op_type",
                      mode: str = "exclude", method: str = "minmax", per_channel: bool = True,
-                     quant_format="qdq", timing_runs: int = 0, input_hw=None,
-                     threads: int = DEFAULT_THREADS, **quant_kwargs):
-    """Measure what quantizing each node group costs in accuracy and buys in speed.
+                     quant_format="qdq", threads: int = DEFAULT_THREADS, **quant_kwargs):
+    """Measure what quantizing each node group costs in accuracy.
 
     One calibration table is computed on ``calib_images`` and shared by every variant.
     With ``mode="exclude"`` each variant is the whole-model INT8 model with one group left in
     float32 (what does excluding it *gain*?); with ``mode="only"`` each variant quantizes just
     that group (what does quantizing it *cost*?). Each variant is scored against the fp32
-    model on ``val_images``: SQNR of the logits (dB), arg-max agreement, mIoU (with
-    ``val_masks``), and batch-1 median latency (``timing_runs`` > 0).
+    model on ``val_images``: SQNR of the logits (dB), arg-max agreement and mIoU (with
+    ``val_masks``). No timing: a choice made from this table is deterministic, and the
+    chosen model is timed by the study's protocol (:func:`study.bench.compare_latency`).
 
     Args:
         fp32_path: float32 ``.onnx``.
@@ -1343,16 +1281,12 @@ def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val
         groups: ``{name: [node names]}`` or a :func:`node_groups` ``by`` value.
         mode: ``"exclude"`` or ``"only"``.
         method, per_channel, quant_format, **quant_kwargs: passed to :func:`quantize_int8`.
-        timing_runs: timed runs per variant (default 0: no timing, so the table - and a
-            selection made from it - is deterministic).
-        input_hw: input size for timing (default: the images' H, W).
         threads: ORT intra-op threads.
 
     Returns:
         pandas DataFrame with one row per variant: ``group``, ``mode``, ``n_nodes``,
-        ``nodes`` (list), ``latency_ms``, ``ref_latency_ms`` (the reference model timed
-        alternately with this variant), ``sqnr_db``, ``argmax_agreement``, ``miou``, and
-        deltas ``d_latency_ms``, ``d_argmax``, ``d_miou`` relative to the reference row
+        ``nodes`` (list), ``sqnr_db``, ``argmax_agreement``, ``miou``, and deltas
+        ``d_argmax``, ``d_miou`` relative to the reference row
         (``int8_all`` for ``exclude``, ``fp32`` for ``only``). Reference rows ``fp32`` and
         ``int8_all`` come first.
 
@@ -1362,7 +1296,6 @@ def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val
     if mode not in ("exclude", "only"):
         raise ValueError(f"node_sensitivity: mode must be 'exclude' or 'only'; got {mode!r}")
     val = _check_images(val_images, "val_images")
-    hw = input_hw or val.shape[-2:]
     if isinstance(groups, str):
         groups = node_groups(fp32_path, by=groups)
     if not groups:
@@ -1379,30 +1312,20 @@ def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val
         ref = ort_predict(fp32_path, val, threads)
         all_nodes = [n for n, _ in quantizable_nodes(fp32_path)]
 
-        def score(name, path, nodes, m, ref_path=None):
+        def score(name, path, nodes, m):
             out = ort_predict(path, val, threads)
-            lat, ref_lat = float("nan"), float("nan")
-            if timing_runs:
-                if ref_path is None:
-                    lat = latency_ms(path, hw, timing_runs, threads=threads)
-                else:  # timed alternately with the reference model (robust to load drift)
-                    ref_lat, lat = paired_latency_ms(ref_path, path, hw, timing_runs, threads=threads)
             return {"group": name, "mode": m, "n_nodes": len(nodes), "nodes": list(nodes),
-                    "latency_ms": lat, "ref_latency_ms": ref_lat,
                     "sqnr_db": _sqnr_db(ref, out), "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
                     "miou": _miou(out, val_masks)}
 
         full = quantize_int8(fp32_path, wd / "int8_all.onnx", None, method=method, per_channel=per_channel,
                              quant_format=quant_format, calibration_cache=table, **quant_kwargs)
-        rows = [score("fp32", fp32_path, [], "reference", ref_path=full)]
-        rows.append(score("int8_all", full, all_nodes, "reference"))
-        rows[1]["latency_ms"] = rows[0]["ref_latency_ms"]
-        ref_model = full if mode == "exclude" else fp32_path
+        rows = [score("fp32", fp32_path, [], "reference"), score("int8_all", full, all_nodes, "reference")]
         for i, (name, nodes) in enumerate(groups.items()):
             kw = dict(nodes_to_exclude=nodes) if mode == "exclude" else dict(nodes_to_quantize=nodes)
             p = quantize_int8(fp32_path, wd / f"variant_{i:03d}.onnx", None, method=method, per_channel=per_channel,
                               quant_format=quant_format, calibration_cache=table, **kw, **quant_kwargs)
-            rows.append(score(name, p, nodes, mode, ref_path=ref_model))
+            rows.append(score(name, p, nodes, mode))
             if tmp is not None:
                 p.unlink()
     finally:
@@ -1410,65 +1333,46 @@ def node_sensitivity(fp32_path: str | os.PathLike, calib_images, val_images, val
             tmp.cleanup()
     df = pd.DataFrame(rows)
     base = df.iloc[1] if mode == "exclude" else df.iloc[0]
-    # paired difference: each variant against the reference timed alternately with it
-    paired_ref = df["ref_latency_ms"].where(df["mode"] != "reference", base["latency_ms"])
-    df["d_latency_ms"] = df["latency_ms"] - paired_ref
-    df.loc[df.index[:2], "d_latency_ms"] = df.loc[df.index[:2], "latency_ms"] - base["latency_ms"]
     df["d_argmax"] = df["argmax_agreement"] - base["argmax_agreement"]
     df["d_miou"] = (df["miou"] - base["miou"]) if val_masks is not None else float("nan")
     return df
 
 
-def select_nodes_to_exclude(sens, min_argmax_gain: float = 0.005, speed_tol: float | None = None,
-                            max_slowdown: float | None = None) -> tuple[list[str], "object"]:
+def select_nodes_to_exclude(sens, min_argmax_gain: float = 0.005) -> tuple[list[str], "object"]:
     """Pick the node groups to keep in float32 from a :func:`node_sensitivity` (``exclude``) table.
 
-    Default: by *accuracy only*, so the choice is deterministic (quantization and ORT's CPU
-    kernels are; latencies on a shared machine are not, and a timing-based choice picked
-    different nodes in two runs). A group is excluded when keeping it in float raised the
-    arg-max agreement with fp32 by at least ``min_argmax_gain`` (or raised mIoU by as much,
-    when measured). Time the resulting model separately (the section's variant table).
-
-    Opt-in timing criteria (not deterministic; for exploration only): with ``speed_tol`` a
-    group is also excluded when its float version made the model faster than whole-INT8 by
-    more than ``speed_tol`` (fraction of the INT8 latency); with ``max_slowdown`` an
-    accuracy exclusion is dropped when it costs more than that fraction in latency.
+    By accuracy only, so the choice is deterministic (quantization and ORT's CPU kernels are;
+    latencies on a shared machine are not, and a timing-based choice once picked different
+    nodes in two runs). A group is excluded when keeping it in float raised the arg-max
+    agreement with fp32 by at least ``min_argmax_gain`` (or raised mIoU by as much, when
+    measured). The resulting model is timed by the study's protocol (the section's variant
+    table).
 
     Args:
         sens: DataFrame returned by :func:`node_sensitivity` with ``mode="exclude"``.
         min_argmax_gain: arg-max agreement (or mIoU) gain, fraction, that earns float.
-        speed_tol, max_slowdown: optional timing criteria (fractions), see above.
 
     Returns:
         ``(node_names, decisions)``: the union of excluded nodes (sorted), and a DataFrame
-        ``group, n_nodes, d_latency_ms, d_argmax, d_miou, excluded, reason`` for the notebook.
+        ``group, n_nodes, d_argmax, d_miou, excluded, reason`` for the notebook.
 
     Raises:
-        ValueError: the table is not an ``exclude`` sensitivity table, or a timing criterion
-            is asked for on a table without latencies.
+        ValueError: the table is not an ``exclude`` sensitivity table.
     """
     if "int8_all" not in set(sens["group"]) or not (sens["mode"] == "exclude").any():
         raise ValueError("select_nodes_to_exclude needs a node_sensitivity(..., mode='exclude') table")
-    base = sens.loc[sens["group"] == "int8_all"].iloc[0]
-    use_time = speed_tol is not None or max_slowdown is not None
-    if use_time and not np.isfinite(base["latency_ms"]):
-        raise ValueError("select_nodes_to_exclude: speed_tol / max_slowdown need node_sensitivity(timing_runs > 0)")
     nodes: list[str] = []
     rows = []
     for _, r in sens[sens["mode"] == "exclude"].iterrows():
-        lat0 = r["ref_latency_ms"] if np.isfinite(r.get("ref_latency_ms", np.nan)) else base["latency_ms"]
-        faster = speed_tol is not None and r["d_latency_ms"] < -speed_tol * lat0
-        cheap = max_slowdown is None or r["d_latency_ms"] <= max_slowdown * lat0
         gain = r["d_argmax"]
         if pd.notna(r.get("d_miou")) and np.isfinite(r.get("d_miou")):
             gain = max(gain, r["d_miou"])
-        accurate = gain >= min_argmax_gain and cheap
-        reason = "; ".join(x for x, on in (("faster in float", faster), ("more accurate in float", accurate)) if on)
-        if faster or accurate:
+        accurate = bool(gain >= min_argmax_gain)
+        if accurate:
             nodes.extend(r["nodes"])
-        rows.append({"group": r["group"], "n_nodes": r["n_nodes"], "d_latency_ms": r["d_latency_ms"],
-                     "d_argmax": r["d_argmax"], "d_miou": r.get("d_miou"), "excluded": bool(faster or accurate),
-                     "reason": reason or "kept INT8"})
+        rows.append({"group": r["group"], "n_nodes": r["n_nodes"], "d_argmax": r["d_argmax"],
+                     "d_miou": r.get("d_miou"), "excluded": accurate,
+                     "reason": "more accurate in float" if accurate else "kept INT8"})
     return sorted(set(nodes)), pd.DataFrame(rows)
 
 
