@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,6 +337,12 @@ def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: s
             (``--cache-dir``; used as is, never written; new entries go to
             ``<build_dir>/cache``). None: :data:`CACHE_DIR_ENV`, else none.
 
+    torch-pruning's "Unwrapped parameters detected" warning (raised for the Swin teacher's
+    per-head ``q_bias`` / ``v_bias`` / ``logit_scale`` whenever a dependency graph is built)
+    is silenced in the notebook's process: on the teacher the study prunes only MLP hidden
+    channels with torch-pruning, which never touch those per-head parameters, so the
+    warning would only fill the saved notebook's stderr.
+
     Torch runs with ``set_flush_denormal(True)`` (subnormal floats slow x86 kernels ~100x)
     and, unless the profile fixes ``torch_threads``, as many intra-op threads as the machine
     has physical cores (:func:`study.bench.default_threads`, the study's one thread policy).
@@ -363,6 +370,7 @@ def setup(profile: str = "cpu", seed: int = 0, data_root: str = "", build_dir: s
         check_weights(prof)  # every missing file in one message, before any training
     from .bench import default_threads
 
+    warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
     torch.set_flush_denormal(True)
     torch.set_num_threads(int(prof.extra.get("torch_threads") or default_threads()))
     if full_grid is None:
