@@ -55,3 +55,19 @@ def test_opposite_sign_and_missing_interval(tmp_path):
 def test_render_math_converts_wrapped_inline_and_display_math_but_not_prices_or_code():
     out = report.render_math("loss $\\mathcal{L} = a +\nb$ and $$\\frac{1}{2}$$, `$x$`, $5 and $6.")
     assert out.count("<math") == 2 and "`$x$`" in out and "$5 and $6" in out
+
+
+def test_unstructured_speed_claim_uses_the_p50_intervals_of_the_same_protocol(tmp_path):
+    def table(masked_ci):
+        _write(tmp_path, "structured_pruning", [
+            {"model": "upernet_mobilevit_s", "method": "dense", "sparsity": 0.0, "speedup": 1.0,
+             "latency_ms_p50_ort_ci95_low": 5.8, "latency_ms_p50_ort_ci95_high": 9.6},
+            {"model": "upernet_mobilevit_s", "method": "unstructured", "sparsity": 0.6, "speedup": 0.71,
+             "latency_ms_p50_ort_ci95_low": masked_ci[0], "latency_ms_p50_ort_ci95_high": masked_ci[1]}])
+        return {r.claim: r for r in C.claims_table(tmp_path, "cpu").itertuples()}[
+            "60 % unstructured sparsity gives no speed-up"]
+
+    overlap = table((5.8, 10.1))            # a 0.71x point estimate, but the intervals overlap
+    assert overlap.verdict == C.REPRODUCED and "not detectably faster" in overlap.reason
+    faster = table((2.0, 3.0))              # detectably faster than dense: the claim fails
+    assert faster.verdict == C.NOT_REPRODUCED and "detectably faster" in faster.reason
