@@ -296,7 +296,8 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
     atomic_write_text(out_dir / "claims.csv", claims.to_csv(index=False))
     toc = []
     for stem in NOTEBOOKS:
-        st = status.get(stem, {}).get("status", "not run")
+        st = status.get(stem, {}).get("status") or (
+            "executed, no record in run.json" if (out_dir / "notebooks" / f"{stem}.ipynb").exists() else "not run")
         secs = status.get(stem, {}).get("seconds")
         mine = claims[claims["notebook"] == stem]
         verdicts = "; ".join(f"{html.escape(r.claim)}: <i>{html.escape(r.verdict)}</i>" for r in mine.itertuples())
