@@ -215,6 +215,16 @@ def test_run_schedule_trajectory_budget_and_cache(ctx, monkeypatch):
     assert torch.equal(again(x), model(x))
 
 
+def test_control_scores_the_start_model_before_its_fine_tune(ctx):
+    """Step 0 of the control is the unpruned START model: its test score must be taken before
+    the fine-tune (a bug once stored the fine-tuned score there)."""
+    base = _tiny()
+    start_test = sec.test_scores(ctx, copy.deepcopy(base).eval())["miou"]
+    traj = sec.control_finetune(ctx, base, 3, progress=False)
+    assert traj[0]["test_miou"] == pytest.approx(start_test)
+    assert traj[0]["finetune_steps"] == 0 and traj[1]["finetune_steps"] == 3
+
+
 def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -174,7 +174,8 @@ def measured_row(ctx, variant: dict, result: dict, scores: dict, target: dict, s
         peak_rss_mb=result["peak_rss_mb"], ram_used_mb=result["ram_used_mb"], swap_used_mb=result["swap_used_mb"],
         power_w=power if power is not None else np.nan,
         source="measured now" + (f" (stored {stored})" if stored else " (local runner, not stored)"),
-        runs=result["runs"], memory_source=result["memory_source"])
+        runs=result["runs"], memory_source=result["memory_source"],
+        threads=result.get("threads", np.nan), rounds=1)  # one fresh runner process per variant
 
 
 def _labelled_row(ctx, model: str, method: str, scores: dict, hw_label: str, complexity: dict, **extra) -> dict:

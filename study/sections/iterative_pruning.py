@@ -334,9 +334,9 @@ def control_finetune(ctx, model: nn.Module, total_steps: int, progress: bool = F
         tr, va = loaders(ctx)
         b = _score(m, va)
         c = _complexity(m, hw)
+        t0 = test_scores(ctx, m)  # the start model's test score (step 0), before the fine-tune
         h = finetune(ctx, m, total_steps, progress=progress, desc="control: dense + same fine-tune",
                      train_loader=batch_stream(tr))
-        t0 = test_scores(ctx, m)
         a = _score(m.eval(), va)
         traj = [{"step": 0, "sparsity": 0.0, **c, "miou_before_ft": b["miou"], "miou_after_ft": b["miou"],
                  "mdice_before_ft": b["mdice"], "mdice_after_ft": b["mdice"], "finetune_steps": 0,
