@@ -25,6 +25,8 @@ from typing import Callable
 
 import pandas as pd
 
+from ..bench import latency_verdict
+
 REPRODUCED = "reproduced"
 SIGN_ONLY = "reproduced in sign only"
 NOT_REPRODUCED = "not reproduced"
@@ -189,17 +191,20 @@ def _unstructured(t, profile):
     sp = _num(r, "speedup")
     lo, hi = _num(r, "speedup_ci95_low"), _num(r, "speedup_ci95_high")
     dense = _row(s[s["model"] == r["model"]] if "model" in s else s, method="dense")
-    p50 = ("latency_ms_p50_ort_ci95_low", "latency_ms_p50_ort_ci95_high")
     if math.isfinite(lo) and math.isfinite(hi):
         verdict = REPRODUCED if lo <= 1.0 <= hi else NOT_REPRODUCED
         why = "speed-up interval includes 1" if verdict == REPRODUCED else "speed-up interval excludes 1"
-    elif dense is not None and all(math.isfinite(_num(x, c)) for x in (r, dense) for c in p50):
-        # the two models' p50 intervals (one protocol, interleaved rounds): overlap = no detectable difference
-        a, b = (_num(r, p50[0]), _num(r, p50[1])), (_num(dense, p50[0]), _num(dense, p50[1]))
-        faster = a[1] < b[0]
-        verdict = NOT_REPRODUCED if faster else REPRODUCED
-        why = (f"ORT p50 95 % intervals: masked [{a[0]:.2f}, {a[1]:.2f}] ms vs dense [{b[0]:.2f}, {b[1]:.2f}] ms; "
-               + ("the masked model is detectably faster" if faster else "not detectably faster"))
+    elif dense is not None and all(math.isfinite(_num(x, f"latency_ms_p50_ort{c}")) for x in (r, dense)
+                                   for c in ("_ci95_low", "_ci95_high")):
+        # the two models' ORT p50 intervals from the one protocol, read by the study's one rule
+        ort = {k: {f"latency_ms_p50{c}": _num(x, f"latency_ms_p50_ort{c}") for c in ("_ci95_low", "_ci95_high")}
+               for k, x in (("masked", r), ("dense", dense))}
+        lat = latency_verdict(ort["masked"], ort["dense"])
+        verdict = NOT_REPRODUCED if lat == "faster" else REPRODUCED
+        why = (f"ORT p50 95 % intervals: masked [{ort['masked']['latency_ms_p50_ci95_low']:.2f}, "
+               f"{ort['masked']['latency_ms_p50_ci95_high']:.2f}] ms vs dense "
+               f"[{ort['dense']['latency_ms_p50_ci95_low']:.2f}, {ort['dense']['latency_ms_p50_ci95_high']:.2f}] ms; "
+               + ("the masked model is detectably faster" if lat == "faster" else "not detectably faster"))
     else:
         verdict = REPRODUCED if 0.9 <= sp <= 1.1 else NOT_REPRODUCED
         why = "point estimate within +-10 % of 1 (no interval in the table)"
