@@ -65,6 +65,7 @@ import re
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -606,7 +607,10 @@ def summarize_rounds(name: str, results: Sequence[dict], *, runtime: str, thread
         p50s; ``latency_ms_p90/p99`` = percentiles of all timed runs of all rounds pooled;
         ``fps`` = batch * 1000 / p50; ``cv_p50`` = std(round p50s, ddof=1) / mean (NaN for
         one round); ``peak_rss_mb`` = max over rounds of each runner process's peak RSS
-        (MB); ``load_s`` = median model load time (s); ``runs`` = timed runs in all.
+        (MB); ``load_s`` = median model load time (s); ``runs`` = timed runs in all. Also
+        ``ram_used_mb`` / ``swap_used_mb`` (max over rounds of the system's use while the
+        runner ran, MB), ``power_w_mean`` (W, mean over rounds; NaN where not sampled),
+        ``runtime_version``, ``memory_source`` and ``device`` of the first round.
     """
     import numpy as np
 
@@ -633,6 +637,15 @@ def summarize_rounds(name: str, results: Sequence[dict], *, runtime: str, thread
         "input_hw": "x".join(str(v) for v in (results[0].get("input_hw") or [])),
         "batch": int(batch), "error": "",
     })
+    # system memory and power as the runner's sampler saw them (max / mean over rounds), and
+    # what the runner reported about itself (first round): kept for device tables
+    for key, agg in (("ram_used_mb", max), ("swap_used_mb", max), ("power_w_mean", statistics.fmean)):
+        vals = [float(r[key]) for r in results if r.get(key) is not None]
+        row[key] = agg(vals) if vals else nan
+    for key in ("runtime_version", "memory_source"):
+        row[key] = results[0].get(key)
+    row["device"] = (results[0].get("device") or {}).get("model") if isinstance(results[0].get("device"), dict) \
+        else results[0].get("device")
     return row
 
 
@@ -642,11 +655,13 @@ def compare_latency(items, input_hw: Sequence[int] | None, *, runtime: str = "or
                     providers: Sequence[str] | None = ("CPUExecutionProvider",), gmacs=None,
                     spawn: str = "auto", preload: Sequence[str] | None = None, errors: str = "raise",
                     timeout: float = 900.0, python: str | None = None, n_boot: int = 2000, seed: int = 0,
-                    verbose: bool = False):
+                    verbose: bool = False, target: dict | None = None, results_dir=None, ssh: dict | None = None):
     """THE latency protocol of the study: model files timed in fresh processes, interleaved in rounds.
 
-    Every measurement of the study that ends in a table goes through this function (local
-    ORT and local torch; devices use the same runner through :func:`run_remote`).
+    Every measurement of the study that ends in a table goes through this function: local
+    ORT and local torch, and devices over SSH (``target`` from :func:`choose_target` with
+    ``mode = "ssh"``: each (round, model) is one :func:`run_remote` call, the same runner in
+    a fresh process on the device).
 
     Protocol:
 
@@ -699,6 +714,12 @@ def compare_latency(items, input_hw: Sequence[int] | None, *, runtime: str = "or
             gets NaN latencies and the message in ``error``; it is not retried).
         timeout: s per measurement. python: interpreter (default ``sys.executable``).
         n_boot, seed: of the bootstrap. verbose: print one line per round.
+        target: :func:`choose_target`'s dict; ``mode = "ssh"`` measures on that host (threads
+            None: the device's own physical cores, as its runner decides; ``spawn`` is then
+            ``"ssh"``; ``gmacs`` efficiency columns are left out, the GEMM peak being this
+            host's). None or ``mode = "local"``: this machine.
+        results_dir: SSH only: store every round's result there (:func:`store_result`).
+        ssh: SSH only: further :func:`run_remote` keywords (``port``, ``user``, ``identity``...).
 
     Returns:
         ``pandas.DataFrame``, one row per item in ``items`` order, columns
@@ -736,7 +757,10 @@ def compare_latency(items, input_hw: Sequence[int] | None, *, runtime: str = "or
         if not p.is_file():
             raise FileNotFoundError(f"compare_latency: model file of {name!r} does not exist: {p}")
     hw = None if input_hw is None else _check_hw(input_hw, batch)
-    threads = int(threads) if threads else default_threads()
+    remote = bool(target) and target.get("mode") == "ssh"
+    threads = int(threads) if threads else (None if remote else default_threads())
+    if remote:
+        spawn = "ssh"
     python = python or sys.executable
     names = list(items)
     per: dict = {n: [] for n in names}
@@ -756,6 +780,14 @@ def compare_latency(items, input_hw: Sequence[int] | None, *, runtime: str = "or
                 if name in failed:
                     continue
                 try:
+                    if remote:
+                        res, _ = run_remote(target["host"], items[name], **{
+                            "remote_python": target.get("remote_python") or "python3", **(ssh or {})},
+                            runtime=runtime, input_hw=hw, batch=batch, threads=threads, warmup_s=warmup_s,
+                            min_s=min_s, min_runs=min_runs, warmup_runs=warmup_runs, timeout=timeout,
+                            results_dir=results_dir)
+                        per[name].append(res)
+                        continue
                     res = run_local_runner(items[name], runtime=runtime, input_hw=hw, batch=batch,
                                            threads=threads, warmup_s=warmup_s, min_s=min_s, min_runs=min_runs,
                                            warmup_runs=warmup_runs, python=python, timeout=timeout,
@@ -776,20 +808,25 @@ def compare_latency(items, input_hw: Sequence[int] | None, *, runtime: str = "or
         if server is not None:
             server.close()
     rows = []
+    host = target["host"] if remote else "localhost"
     for name in names:
-        row = summarize_rounds(name, per[name], runtime=runtime, threads=threads, batch=batch,
-                               n_boot=n_boot, seed=seed)
+        used = {res.get("threads") for res in per[name]}
+        if remote and threads is None and len(used) == 1:
+            row_threads = next(iter(used))  # the device's own choice, the same every round
+        elif used and used != {threads}:
+            raise RemoteBenchError(f"the runner used {sorted(used)} threads for {name!r}, not {threads}",
+                                   "remote_failed", host)
+        else:
+            row_threads = threads
+        row = summarize_rounds(name, per[name], runtime=runtime, threads=row_threads if row_threads else 0,
+                               batch=batch, n_boot=n_boot, seed=seed)
         if name in failed:
             row["error"] = failed[name][:300]
         row["order"] = "rotated" if rotate else "fixed"
         row["spawn"] = spawn
-        used = {res.get("threads") for res in per[name]}
-        if used and used != {threads}:
-            raise RemoteBenchError(f"the runner used {sorted(used)} threads for {name!r}, not {threads}",
-                                   "remote_failed", "localhost")
         rows.append(row)
     df = pd.DataFrame(rows)
-    if gmacs is not None:
+    if gmacs is not None and not remote:
         peak = gemm_peak_gmacs_per_s(threads)
         g = [float(gmacs.get(n, float("nan"))) for n in names]
         df["gmacs"] = g
@@ -804,7 +841,8 @@ def compare_latency(items, input_hw: Sequence[int] | None, *, runtime: str = "or
         "warmup_runs": warmup_runs, "rotate": bool(rotate), "spawn": spawn, "orders": orders,
         "providers": list(providers) if providers else None, "elapsed_s": round(time.time() - t_start, 2),
         "date_utc": _utc_now(), "git_commit": gc["commit"], "git_dirty": gc["dirty"],
-        "device": dr.device_info()["model"], "measured_by": "study.bench.compare_latency",
+        "device": (target.get("device") if remote else dr.device_info()["model"]), "host": host,
+        "measured_by": "study.bench.compare_latency",
     }
     return df
 
@@ -852,7 +890,6 @@ def gemm_peak_gmacs_per_s(threads: int | None = None, sizes: Sequence[int] = (25
     Returns:
         GMAC/s (float > 0).
     """
-    import statistics
 
     import torch
 

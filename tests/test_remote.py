@@ -201,6 +201,28 @@ def test_measure_file_over_ssh_stores_like_run_remote(sshd, tiny_model, tmp_path
     assert json.loads(path.read_text())["latency_ms_p50"] == res["latency_ms_p50"]
 
 
+def test_compare_latency_over_ssh_interleaves_rounds_on_the_device(sshd, tiny_model, tmp_path):
+    """The one protocol also runs on an SSH target: every (round, model) is a run_remote call
+    in rotated order, each round's result is stored, the row carries the device's threads."""
+    kw = sshd.kwargs()
+    target = {"mode": "ssh", "host": "127.0.0.1", "remote_python": kw.pop("remote_python"),
+              "device": "test sshd", "reason": "test"}
+    for k in ("input_hw", "min_s", "min_runs", "warmup_s", "threads", "timeout", "warmup_runs"):
+        kw.pop(k)
+    other = tmp_path / "copy.onnx"
+    other.write_bytes(Path(tiny_model).read_bytes())
+    df = bench.compare_latency({"a": tiny_model, "b": other}, (16, 16), target=target, threads=1, rounds=2,
+                               warmup_s=0.0, min_s=0.05, min_runs=3, warmup_runs=1,
+                               results_dir=tmp_path / "res", ssh=kw)
+    assert list(df["name"]) == ["a", "b"] and (df["rounds"] == 2).all() and (df["threads"] == 1).all()
+    assert (df["spawn"] == "ssh").all() and df.attrs["protocol"]["orders"] == [["a", "b"], ["b", "a"]]
+    assert df.attrs["protocol"]["host"] == "127.0.0.1" and df.attrs["protocol"]["device"] == "test sshd"
+    assert (df["latency_ms_p50_ci95_low"] <= df["latency_ms_p50"]).all()
+    assert "gmacs_per_s" not in df  # no efficiency against this host's GEMM peak for a remote device
+    assert len(list((tmp_path / "res").rglob("*.json"))) == 4  # 2 models x 2 rounds, stored
+    assert df["ram_used_mb"].notna().all() and df["runtime_version"].notna().all()
+
+
 def _expect_failure(kind, results, sshd_kwargs, host="127.0.0.1", model=None, tiny=None):
     snap = _snapshot(results)
     before = _segbench_dirs()

@@ -2,17 +2,19 @@
 
 The baseline student, THE KD student (:func:`study.sections.distillation.kd_student`), a
 structurally pruned KD student and its fp16 / INT8 conversions are exported to ONNX
-(:mod:`study.quant`) and measured by the self-contained device runner over SSH or as a local
-subprocess (:func:`study.bench.choose_target`, :func:`study.bench.measure_file`); accuracy
-comes from the same ONNX files on the validation split (:func:`study.quant.onnx_scores`)::
+(:mod:`study.quant`) and measured with the study's one latency protocol
+(:func:`study.bench.compare_latency`: fresh runner processes, interleaved rounds) over SSH
+or as local subprocesses (:func:`study.bench.choose_target`); accuracy comes from the same
+ONNX files on the test split (:func:`study.quant.onnx_scores`)::
 
     from study import bench, quant
     from study.sections import deployment as sec
     target = bench.choose_target(ctx.bench_host)
-    v = sec.variants(ctx, baseline, kd_model, sec.pruned_student(ctx, kd_model))[0]
-    res, stored = bench.measure_file(target, v["path"], input_hw=sec.input_hw(ctx))
-    images, masks = sec.val_arrays(ctx)
-    row = sec.measured_row(ctx, v, res, quant.onnx_scores(v["path"], images, masks), target, stored)
+    vs = sec.variants(ctx, baseline, kd_model, sec.pruned_student(ctx, kd_model))
+    lat = sec.measure(ctx, target, vs, sec.results_dir(ctx))
+    images, masks = sec.test_arrays(ctx)
+    row = sec.measured_row(ctx, vs[0], lat.loc[sec.variant_name(vs[0])],
+                           quant.onnx_scores(vs[0]["path"], images, masks), target)
 
 Stored device results (:func:`study.bench.load_device_results`) and the numbers reported by
 source 000 (:data:`SOURCE000_NANO`) get their own clearly labelled rows.
@@ -148,34 +150,61 @@ def variants(ctx, baseline: nn.Module, kd: nn.Module, pruned: nn.Module,
 
 # --------------------------------------------------------------------------- table rows
 
-def device_label(target: dict, result: dict) -> str:
-    """The ``device`` column: the target's label, or the device model the runner saw over SSH."""
-    if target["mode"] == "local":
-        return target["device"]
-    return f"{result['device']['model']} via SSH to {target['host']}"
+def variant_name(variant: dict) -> str:
+    """``"<method> <precision>"``: the variant's name in :func:`measure`'s table."""
+    return f"{variant['method']} {variant['precision']}"
 
 
-def measured_row(ctx, variant: dict, result: dict, scores: dict, target: dict, stored: Path | None) -> dict:
+def measure(ctx, target: dict, variants_: Sequence[dict], results_dir: Path | None = None) -> pd.DataFrame:
+    """Latency and memory of every variant on ``target`` with THE protocol of the study.
+
+    :func:`study.bench.compare_latency` (ORT, the settings of
+    :func:`study.sections.measure.protocol`): one fresh runner process per (round, variant),
+    the variants interleaved in rotated rounds, the same seeded input. On an SSH target each
+    of those processes runs on the device (threads: the device's own physical cores) and
+    every round's result is stored under ``results_dir``; locally, threads = this machine's
+    physical cores. Variants whose measurement fails keep a row with NaN latencies and the
+    reason in ``error``.
+
+    Returns:
+        the :func:`study.bench.compare_latency` table indexed by :func:`variant_name`
+        (ms, MB, W; ``rounds``, ``threads``, ``cv_p50``, 95 % interval of p50).
+    """
+    from .measure import protocol
+
+    kw = protocol(ctx)
+    if target["mode"] == "ssh":
+        kw["threads"] = None  # the device's own cores, never this host's count
+    items = {variant_name(v): v["path"] for v in variants_}
+    df = bench.compare_latency(items, None, runtime="ort", target=target,
+                               results_dir=results_dir if target["mode"] == "ssh" else None,
+                               errors="record", **kw)
+    return df.set_index("name", drop=False)
+
+
+def measured_row(ctx, variant: dict, result, scores: dict, target: dict) -> dict:
     """Table row of one variant measured now.
 
     Args:
-        variant: from :func:`variants`. result: the runner's dict (:func:`study.bench.measure_file`).
+        variant: from :func:`variants`. result: its row of :func:`measure` (ms, MB, W).
         scores: ``miou``/``mdice`` of the same ONNX file on the test split (:func:`study.quant.onnx_scores`
             of :func:`test_arrays`).
-        target: from :func:`study.bench.choose_target`. stored: the stored JSON or None.
+        target: from :func:`study.bench.choose_target`.
     """
-    power = result.get("power_w_mean")
+    device = target["device"] if target["mode"] == "local" else f"{result['device']} via SSH to {target['host']}"
+    where = "stored under deployment/results" if target["mode"] == "ssh" else "local runner, not stored"
     return table_row(
         ctx, SECTION, variant["model"], variant["method"], scores, complexity=variant["complexity"],
         input_hw=input_hw(ctx), split="test", train_steps=variant.get("train_steps", np.nan),
-        device=device_label(target, result),
-        runtime=f"onnxruntime {result['runtime_version']}", precision=variant["precision"], fps=result["fps"],
-        latency_ms_p50=result["latency_ms_p50"], latency_ms_p99=result["latency_ms_p99"],
-        peak_rss_mb=result["peak_rss_mb"], ram_used_mb=result["ram_used_mb"], swap_used_mb=result["swap_used_mb"],
-        power_w=power if power is not None else np.nan,
-        source="measured now" + (f" (stored {stored})" if stored else " (local runner, not stored)"),
+        device=device, runtime=f"onnxruntime {result['runtime_version']}", precision=variant["precision"],
+        fps=result["fps"], latency_ms_p50=result["latency_ms_p50"],
+        latency_ms_p50_ci95_low=result["latency_ms_p50_ci95_low"],
+        latency_ms_p50_ci95_high=result["latency_ms_p50_ci95_high"], latency_ms_p99=result["latency_ms_p99"],
+        cv_p50=result["cv_p50"], peak_rss_mb=result["peak_rss_mb"], ram_used_mb=result["ram_used_mb"],
+        swap_used_mb=result["swap_used_mb"], power_w=result["power_w_mean"],
+        source=f"measured now ({where}; study.bench.compare_latency)",
         runs=result["runs"], memory_source=result["memory_source"],
-        threads=result.get("threads", np.nan), rounds=1)  # one fresh runner process per variant
+        threads=result["threads"], rounds=result["rounds"], error=result["error"])
 
 
 def _labelled_row(ctx, model: str, method: str, scores: dict, hw_label: str, complexity: dict, **extra) -> dict:
@@ -221,23 +250,30 @@ def table(measured: Sequence[dict], stored: Sequence[dict], reported: Sequence[d
 def verdict(measured: pd.DataFrame, kd_record: dict) -> list[str]:
     """Markdown bullet lines summarising ``measured`` (no number typed in by hand).
 
-    Per variant: p50 / p99 latency (ms), FPS, peak RSS (MB), mIoU; fp16 and INT8 against
-    KD fp32 (FPS ratio, mIoU difference); the pruned student against KD fp32; source 000's
+    Per variant: p50 (ms, with its 95 % interval over rounds) / p99 latency, FPS, peak RSS
+    (MB), mIoU; fp16 and INT8 against KD fp32 (FPS ratio, :func:`study.bench.latency_verdict`
+    of the p50 intervals, mIoU difference); the pruned student against KD fp32; source 000's
     fp16 / fp32 ratio; where the KD configuration came from (``kd_record``, from
     :func:`study.sections.distillation.kd_student`).
     """
     s = SOURCE000_NANO
     lines = []
     for (meth, prec), r in measured.set_index(["method", "precision"]).iterrows():
-        lines.append(f"- **{meth} / {prec}**: p50 {r.latency_ms_p50:.2f} ms, p99 {r.latency_ms_p99:.2f} ms, "
+        lines.append(f"- **{meth} / {prec}**: p50 {r.latency_ms_p50:.2f} ms "
+                     f"[{r.latency_ms_p50_ci95_low:.2f}, {r.latency_ms_p50_ci95_high:.2f}] ({r.rounds:.0f} rounds, "
+                     f"{r.threads:.0f} threads), p99 {r.latency_ms_p99:.2f} ms, "
                      f"{r.fps:.1f} FPS, peak RSS {r.peak_rss_mb:.0f} MB, mIoU {r.miou:.3f}")
     ref = measured[(measured.precision == "fp32") & (measured.method == "kd")].iloc[-1]
+
+    def against(r):  # FPS ratio, the interval verdict of the latency, the mIoU change
+        return (f"{r.fps / ref.fps:.2f}x FPS ({bench.latency_verdict(r, ref)}: 95 % intervals of p50), "
+                f"mIoU {r.miou - ref.miou:+.3f}")
+
     for prec in ("fp16", "int8"):
         r = measured[measured.precision == prec].iloc[0]
-        lines.append(f"- {prec} vs fp32 ({ref.method}): {r.fps / ref.fps:.2f}x FPS, mIoU {r.miou - ref.miou:+.3f}")
+        lines.append(f"- {prec} vs fp32 ({ref.method}): {against(r)}")
     r = measured[measured.method.str.contains("pruned")].iloc[0]
-    lines.append(f"- structured pruning ({r.method}): params {r.params_m:.2f}M vs {ref.params_m:.2f}M, "
-                 f"{r.fps / ref.fps:.2f}x FPS, mIoU {r.miou - ref.miou:+.3f}")
+    lines.append(f"- structured pruning ({r.method}): params {r.params_m:.2f}M vs {ref.params_m:.2f}M, {against(r)}")
     lines.append(f"- reported by source 000 (Jetson Nano 4GB): fp16 / fp32 = {s['fps_fp16'] / s['fps_fp32']:.2f}x FPS "
                  f"({s['fps_fp32']} -> {s['fps_fp16']} FPS), {s['ram_used_mb']:.0f} MB RAM + "
                  f"{s['swap_used_mb']:.0f} MB swap")
@@ -250,5 +286,5 @@ def verdict(measured: pd.DataFrame, kd_record: dict) -> list[str]:
 
 
 __all__ = ["SECTION", "MODEL", "PRUNE_FRACTION_REMOVED", "SOURCE000_NANO", "input_hw",
-           "results_dir", "pruned_student", "calibration_images", "test_arrays", "variants", "device_label",
-           "measured_row", "stored_rows", "reported_rows", "table", "verdict"]
+           "results_dir", "pruned_student", "calibration_images", "test_arrays", "variants", "variant_name",
+           "measure", "measured_row", "stored_rows", "reported_rows", "table", "verdict"]
