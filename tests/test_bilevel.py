@@ -3,6 +3,7 @@ the notebook-06 section runner study.sections.bilevel_search.compress on the smo
 from __future__ import annotations
 
 import copy
+import math
 import numpy as np
 import pytest
 import torch
@@ -217,10 +218,14 @@ def test_search_prunes_by_itself_calibrated_but_not_source002(tiny):
     assert res.gmacs_raw < dense
     assert res.gmacs_final == pytest.approx(res.gmacs_raw)  # no projection
     assert res.config["reg_scale_value"] == sum(len(k) for k in res.masks.values())
-    # keep_alive: no group ever switches off entirely
+    # keep_alive (default): every group keeps >= ceil(0.35 C) channels during the search; without
+    # it and with one shared second moment, a strong penalty switches whole groups off
     ka = bilevel.bilevel_search(copy.deepcopy(tiny), _loader(), 0.4 * dense, input_hw=(32, 32), steps=10,
-                                project=False, seed=0, keep_alive=True)
-    assert all(k.any() for k in ka.masks.values())
+                                project=False, seed=0, beta=100.0)
+    assert all(int(k.sum()) >= math.ceil(0.35 * len(k)) for k in ka.masks.values())
+    off = bilevel.bilevel_search(copy.deepcopy(tiny), _loader(), 0.4 * dense, input_hw=(32, 32), steps=10,
+                                 project=False, seed=0, beta=100.0, keep_alive=False, s_optim="adam_shared")
+    assert not all(int(k.sum()) >= math.ceil(0.35 * len(k)) for k in off.masks.values())
     src = bilevel.bilevel_search(copy.deepcopy(tiny), _loader(), 0.5 * dense, input_hw=(32, 32), steps=20,
                                  project=False, seed=0, **bilevel.SOURCE002_PARAMS)
     assert src.gmacs_raw == pytest.approx(dense)
@@ -389,3 +394,40 @@ def test_choose_search_uses_val_among_points_that_meet_the_budget():
 def test_section_compress_rejects_unknown_method(smoke_ctx):
     with pytest.raises(ValueError, match="unknown method"):
         sec.compress(smoke_ctx, "topformer_t", "lottery", 0.01)
+
+
+class _Branches(nn.Module):
+    """Two conv branches concatenated and followed by a depth-wise conv (as DeepLabV3+'s
+    decoder after its concat): the depth-wise conv couples both branches into one mask group
+    whose entries are written by two modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.classifier = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.classifier(self.project(self.dw(torch.cat([self.a(h), self.b(h)], 1))))
+
+
+def test_keep_alive_floors_every_concat_branch_so_the_pruned_model_runs():
+    torch.manual_seed(0)
+    net = _Branches()
+    x = torch.zeros(1, 3, 32, 32)
+    dense = gmacs(net, (32, 32))
+    res = bilevel.bilevel_search(net, _loader(), 0.3 * dense, input_hw=(32, 32), steps=12, beta=100.0,
+                                 lr_s=0.1, project=False, seed=0)
+    mm = bilevel.attach_masks(copy.deepcopy(net), x)
+    segs = [(g.key, seg) for g in mm.groups for seg in bilevel._segments(g) if len(seg) < g.channels]
+    mm.remove()
+    assert segs, "the toy must have a concat group written by two modules"
+    for key, seg in segs:
+        assert int(res.masks[key][seg].sum()) >= math.ceil(0.35 * len(seg)), (key, seg)
+    pruned = bilevel.apply_masks(net, res.masks, x)
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 5, 32, 32)
+    assert all(m.out_channels > 0 for m in pruned.modules() if isinstance(m, nn.Conv2d))

@@ -137,8 +137,8 @@ def plan(profile: Profile, full_grid: bool = False) -> Plan:
         betas, lams = (0.01, 1.0), (0.1, 1.0)
     else:
         betas, lams = ((0.001, 0.01, 0.1, 1.0) if full else (0.001, 0.01, 0.1)), (0.01, 0.1, 1.0)
-    return Plan(main_steps=main, budget=max(int(profile.finetune_steps), main + ft_min),
-                sweep_steps=main, sweep_budget=max(int(profile.finetune_steps), main + ft_min), betas=betas, lams=lams,
+    budget = max(int(profile.finetune_steps), main + ft_min)
+    return Plan(main_steps=main, budget=budget, sweep_steps=main, sweep_budget=budget, betas=betas, lams=lams,
                 deeplab_ratios=(7.6 / 9.5, 4.3 / 9.5) if paper else (4.3 / 9.5,), full_grid=full)
 
 

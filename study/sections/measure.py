@@ -55,13 +55,14 @@ def protocol(ctx) -> dict:
     """The protocol settings of the context's profile (keyword arguments of :func:`study.bench.compare_latency`).
 
     ``threads``: :func:`study.bench.default_threads` (physical cores: one policy for the whole
-    study); ``rounds``: 5 (3 in ``smoke``); per round ``warmup_s`` = half the profile's
+    study); ``rounds``: the profile's ``extra["latency_rounds"]`` (default 5; ``smoke`` sets
+    2, the fewest that give an interval); per round ``warmup_s`` = half the profile's
     ``bench_warmup_s``, ``min_s`` = a third of ``bench_min_s`` (so each model gets
     ``rounds * min_s`` ~ 5 s of timed runs in ``cpu``), ``min_runs`` = ``bench_min_runs // 5``
     (at least 3), ``warmup_runs`` = 3.
     """
     p = ctx.profile
-    return {"threads": bench.default_threads(), "rounds": 3 if p.name == "smoke" else 5,
+    return {"threads": bench.default_threads(), "rounds": int(p.extra.get("latency_rounds", 5)),
             "warmup_s": p.bench_warmup_s / 2, "min_s": p.bench_min_s / 3,
             "min_runs": max(3, p.bench_min_runs // 5), "warmup_runs": 3}
 
