@@ -27,6 +27,8 @@
 #   --full-grid                also run the exhaustive sweeps (every KD temperature x weight and
 #                              method, every importance x schedule...); rows merged into the tables
 #   --retime                   re-measure latencies even when the same models were measured before
+#   --jobs N                   notebooks executed at once after 00 and 01 (default: 1; more finishes
+#                              sooner, but per-notebook times then come from a shared machine)
 #   --cache-dir DIR            read trained models / measurements from another build's cache too
 #                              (used as is, never written; new entries go to BUILD_DIR/cache)
 #   --gpu                      set-up switch: also install the GPU extra (onnxruntime-gpu, TensorRT)
@@ -76,12 +78,12 @@ if [[ $mode == run ]]; then
       --cache-dir) [[ $# -ge 2 ]] || die "--cache-dir needs a directory"
                    [[ -d "$2" ]] || die "--cache-dir: '$2' is not a directory"
                    args+=("$1" "$2"); shift 2 ;;
-      --nproc|--nnodes) [[ $# -ge 2 ]] && posint "$2" || die "$1 needs a positive integer, got '${2:-}'"
+      --nproc|--nnodes|--jobs) [[ $# -ge 2 ]] && posint "$2" || die "$1 needs a positive integer, got '${2:-}'"
                         args+=("$1" "$2"); shift 2 ;;
       --rdzv-endpoint) [[ $# -ge 2 && "$2" =~ ^[^:]+:[0-9]+$ ]] || die "--rdzv-endpoint needs HOST:PORT, got '${2:-}'"
                        args+=("$1" "$2"); shift 2 ;;
       --gpu) gpu=1; shift ;;
-      -h|--help) sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+      -h|--help) sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
       *) die "unknown option '$1'" ;;
     esac
   done

@@ -1,9 +1,10 @@
-"""Print the wall time of each notebook from build/<profile>/run.json against issue #2's budgets.
+"""Print the wall time of each notebook from build/<profile>/run.json against the run budgets.
 
     python benchmarks/bench_run_budget.py [--profile smoke|cpu] [--build-dir build]
 
-Budgets (2-core machine, after set-up): smoke <= 5 min for all notebooks; cpu <= 45 min
-cold, <= 3 min warm (everything cached). Whether a run was cold or warm is read from
+Budgets (2-core machine, after set-up; issue #13): smoke <= 5 min for all notebooks; cpu
+<= 120 min cold, <= 3 min warm (everything cached). The cpu cold budget gave way to the
+levels of issue #13 (models worth compressing): measured cold ~3 h, see README. Whether a run was cold or warm is read from
 run.json's ``fresh`` flag and the notebook times; pass --label to name the run.
 """
 import argparse
@@ -11,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-BUDGET_S = {"smoke": 5 * 60, "cpu": 45 * 60, "cpu-warm": 3 * 60}
+BUDGET_S = {"smoke": 5 * 60, "cpu": 120 * 60, "cpu-warm": 3 * 60}
 
 
 def main() -> int:

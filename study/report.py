@@ -68,6 +68,11 @@ def provenance() -> dict:
             "cpu_cores": os.cpu_count(), "hostname": platform.node()}
 
 
+#: Notebooks every later one starts from (trained baselines and teacher; THE KD choice): run
+#: first and alone by :func:`run` whatever ``jobs`` is.
+HEAD_NOTEBOOKS = ("00_baselines", "01_distillation")
+
+
 def notebooks_for(sections: list[str] | None) -> list[str]:
     """Notebook stems to run for the given sections (all when None), in study order."""
     if not sections:
@@ -113,7 +118,7 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
         bench_host: str = "", fresh: bool = False, build_dir: str = "build", kernel: str = "python3",
         report: bool = True, weights_dir: str = "", fast_dev_run: bool = False, nproc: int = 1,
         nnodes: int = 1, rdzv_endpoint: str = "", full_grid: bool = False, retime: bool = False,
-        cache_dir: str = "") -> dict:
+        cache_dir: str = "", jobs: int = 1) -> dict:
     """Execute the notebooks of ``sections`` and write ``run.json`` (and ``report.html``).
 
     Args:
@@ -130,6 +135,12 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
         full_grid: ``--full-grid``: the exhaustive sweeps too (tables merged when present).
         retime: ``--retime``: re-measure cached latencies.
         cache_dir: ``--cache-dir``: another (possibly read-only) cache to read from.
+        jobs: ``--jobs``: notebooks executed at once (default 1). :data:`HEAD_NOTEBOOKS`
+            (the trained models and THE KD choice every later section starts from) always run
+            first, one after the other; the rest then share ``jobs`` kernels. Their
+            ``seconds`` are then wall times of notebooks that shared the machine (``run.json``
+            records ``jobs``): use 1 for timings, more to finish sooner (the test suite's smoke
+            build uses 2). Tables do not depend on it (the same seeds, cache keys and data).
 
     Returns:
         the run record (as written to ``run.json``); ``record['failed']`` lists failed notebooks.
@@ -170,13 +181,26 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
               "fast_dev_run": bool(fast_dev_run)}
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     records = []
+    if int(jobs) < 1:
+        raise ValueError(f"run: jobs must be >= 1, got {jobs!r}")
+
+    def one(stem):
+        rec = run_notebook(stem, out, params, kernel)
+        flag = "ok" if rec["status"] == "ok" else "FAILED"
+        extra = "" if rec["status"] == "ok" else f"  cell {rec['failed_cell']}: {rec['error'].splitlines()[0]}"
+        print(f"[{flag:>6}] {stem:<24} {rec['seconds']:8.1f} s{extra}", flush=True)
+        return rec
+
     try:
-        for stem in notebooks_for(sections):
-            rec = run_notebook(stem, out, params, kernel)
-            flag = "ok" if rec["status"] == "ok" else "FAILED"
-            extra = "" if rec["status"] == "ok" else f"  cell {rec['failed_cell']}: {rec['error'].splitlines()[0]}"
-            print(f"[{flag:>6}] {stem:<24} {rec['seconds']:8.1f} s{extra}", flush=True)
-            records.append(rec)
+        stems = notebooks_for(sections)
+        head = [s_ for s_ in stems if s_ in HEAD_NOTEBOOKS or int(jobs) == 1]
+        rest = [s_ for s_ in stems if s_ not in head]
+        records += [one(s_) for s_ in head]
+        if rest:
+            from concurrent.futures import ThreadPoolExecutor  # each notebook runs in its own kernel process
+
+            with ThreadPoolExecutor(max_workers=int(jobs)) as pool:
+                records += list(pool.map(one, rest))  # results in study order
     finally:
         for k, v in saved_env.items():
             if v is None:
@@ -192,7 +216,7 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
                "fast_dev_run": bool(prof.dry_run), "pretrained": bool(prof.pretrained),
                "weights_dir": prof.weights_dir, "weights": weights,
                "nproc": int(nproc), "nnodes": int(nnodes), "rdzv_endpoint": rdzv_endpoint,
-               "full_grid": bool(full_grid), "retime": bool(retime), "cache_dir": cache_dir,
+               "full_grid": bool(full_grid), "retime": bool(retime), "cache_dir": cache_dir, "jobs": int(jobs),
                "profile_config": prof.to_dict(), **provenance(),
                "notebooks": [prev[s] for s in NOTEBOOKS if s in prev],
                "failed": [r["name"] for r in records if r["status"] != "ok"]}
@@ -475,6 +499,9 @@ def _parser() -> argparse.ArgumentParser:
                         "importance x schedule, ...); their rows are merged into the tables")
     r.add_argument("--retime", action="store_true",
                    help="re-measure latencies even when the same models were measured before (cached)")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="notebooks executed at once after 00 and 01 (more than 1: per-notebook times then "
+                        "come from a shared machine)")
     r.add_argument("--cache-dir", default="", metavar="DIR",
                    help="another build's cache to read trained models and measurements from (used as is, "
                         "never written; new entries go to BUILD_DIR/cache)")
@@ -514,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.seed < 0:
         ap.error(f"--seed must be >= 0, got {args.seed}")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.nproc < 1 or args.nnodes < 1:
         ap.error(f"--nproc and --nnodes must be >= 1, got {args.nproc}, {args.nnodes}")
     if args.nnodes > 1 and not args.rdzv_endpoint:
@@ -543,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                   weights_dir=os.path.abspath(args.weights_dir) if args.weights_dir else "",
                   fast_dev_run=args.fast_dev_run, nproc=args.nproc, nnodes=args.nnodes,
                   rdzv_endpoint=args.rdzv_endpoint, full_grid=args.full_grid, retime=args.retime,
-                  cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else "")
+                  cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else "", jobs=args.jobs)
     except (WeightsError, FileNotFoundError) as exc:
         print(f"python -m study.report run: {exc}", file=sys.stderr)
         return 2

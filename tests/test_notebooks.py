@@ -23,7 +23,9 @@ TIMING = re.compile(r"latency|seconds|_s$|_s_|fps|rss|ram_|swap|power|cpu_hours|
 @pytest.fixture(scope="session")
 def smoke_build(tmp_path_factory):
     build = tmp_path_factory.mktemp("build")
-    rec = runner.run("smoke", seed=0, build_dir=str(build), kernel="python3")
+    # two kernels at once after 00 and 01: the tables do not depend on it (the same seeds,
+    # data and cache keys), only the per-notebook wall times do
+    rec = runner.run("smoke", seed=0, build_dir=str(build), kernel="python3", jobs=2)
     return build, rec
 
 
@@ -143,6 +145,31 @@ def test_failing_notebook_does_not_stop_the_others(tmp_path, monkeypatch):
     assert st["a_fails"]["status"] == "failed" and "boom in a" in st["a_fails"]["error"]
     assert st["b_works"]["status"] == "ok"
     assert rec["failed"] == ["a_fails"]
+
+
+def test_jobs_run_the_head_notebooks_first_then_the_rest_at_once(tmp_path, monkeypatch):
+    """--jobs 2: 00 and 01 run alone and first; the others overlap; records keep study order."""
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    stems = ["00_baselines", "01_distillation", "02_x", "03_y"]
+    for stem in stems:
+        nb = nbformat.v4.new_notebook(cells=[
+            nbformat.v4.new_code_cell('profile = "smoke"\nseed = 0\ndata_root = ""\nbuild_dir = ""\nfresh = False\nbench_host = ""',
+                                      metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("import time, json, pathlib\nt0 = time.time(); time.sleep(1.5)\n"
+                                      f"pathlib.Path({str(tmp_path)!r}, '{stem}.json').write_text("
+                                      "json.dumps([t0, time.time()]))")])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, nbdir / f"{stem}.ipynb")
+    monkeypatch.setattr(runner, "NB_DIR", nbdir)
+    monkeypatch.setattr(runner, "NOTEBOOKS", {s: (f"sec{i}",) for i, s in enumerate(stems)})
+    rec = runner.run("smoke", build_dir=str(tmp_path / "b"), kernel="python3", report=False, jobs=2)
+    assert [n["name"] for n in rec["notebooks"]] == stems and rec["failed"] == [] and rec["jobs"] == 2
+    t = {s: json.loads((tmp_path / f"{s}.json").read_text()) for s in stems}
+    assert t["00_baselines"][1] <= t["01_distillation"][0] <= t["01_distillation"][1] <= min(t["02_x"][0], t["03_y"][0])
+    assert t["02_x"][0] < t["03_y"][1] and t["03_y"][0] < t["02_x"][1]  # the two overlapped
+    with pytest.raises(ValueError, match="jobs"):
+        runner.run("smoke", build_dir=str(tmp_path / "c"), kernel="python3", report=False, jobs=0)
 
 
 def test_notebook_runs_top_to_bottom_without_papermill(smoke_build, tmp_path):
