@@ -24,8 +24,10 @@ def test_latency_and_onnx_are_reused_until_retime(tmp_path, monkeypatch):
 
     def fake_compare(items, hw, runtime, gmacs, errors, verbose, **settings):
         calls.append(sorted(items))
-        return pd.DataFrame([{"name": t, "threads": 1, "rounds": 3, "error": "",
-                              **{k: 1.0 + i for i, k in enumerate(measure.COLUMNS)}} for t in items])
+        df = pd.DataFrame([{"name": t, "threads": 1, "rounds": 3, "error": "",
+                            **{k: 1.0 + i for i, k in enumerate(measure.COLUMNS)}} for t in items])
+        df.attrs["protocol"] = {"runtime": runtime, "orders": [list(items)]}
+        return df
 
     real_export = measure.export_onnx
     monkeypatch.setattr(measure.bench, "compare_latency", fake_compare)
@@ -34,14 +36,19 @@ def test_latency_and_onnx_are_reused_until_retime(tmp_path, monkeypatch):
     model = Tiny()
     ctx = SimpleNamespace(profile=PROFILES["smoke"], cache=ArtifactCache(tmp_path / "cache"), retime=False)
 
+    plans = []
+
     def run(out):
         plan = measure.LatencyPlan(ctx, (16, 16), tmp_path / out)
         plan.add("a", model)
+        plans.append(plan)
         return plan.measure()["a"]
 
     first = run("one")
     second = run("two")
     assert first["timing"] == "measured" and second["timing"] == "cached"
+    # a warm run's tables still say how they were measured (02 read attrs["protocol"] and failed)
+    assert plans[1].tables["ort"].attrs["protocol"] == plans[0].tables["ort"].attrs["protocol"]
     assert len(calls) == 2 and len(exports) == 1  # ort + torch timed once; exported once
     assert second["latency_ms_p50_ort"] == first["latency_ms_p50_ort"]
     assert (tmp_path / "two" / "a.onnx").read_bytes() == (tmp_path / "one" / "a.onnx").read_bytes()
@@ -79,3 +86,37 @@ def test_cached_file_makes_once_copies_after_and_leaves_no_partial_file(tmp_path
     files = list((tmp_path / "cache" / "files").iterdir())
     assert len(files) == 2 and not any(f.name.startswith(".") for f in files)  # no partial entry kept
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_cached_latency_reuses_the_measurement_of_the_same_files_until_retime(tmp_path, monkeypatch):
+    """05 / 07 / 08 time model files directly: same bytes, same settings -> cached (with the
+    protocol attrs); other bytes, other settings or --retime -> measured again."""
+    calls = []
+
+    def fake_compare(items, hw, **kw):
+        calls.append((sorted(items), kw.get("rounds")))
+        df = pd.DataFrame([{"name": t, "threads": 1, "rounds": kw.get("rounds", 5), "latency_ms_p50": 2.0,
+                            "error": ""} for t in items])
+        df.attrs["protocol"] = {"rounds": kw.get("rounds", 5)}
+        return df
+
+    monkeypatch.setattr(measure.bench, "compare_latency", fake_compare)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    a.write_bytes(b"model a")
+    b.write_bytes(b"model b")
+    ctx = SimpleNamespace(profile=PROFILES["smoke"], cache=ArtifactCache(tmp_path / "cache"), retime=False)
+    first = measure.cached_latency(ctx, {"a": a, "b": b}, None, rounds=3)
+    second = measure.cached_latency(ctx, {"a": a, "b": b}, None, rounds=3)
+    assert list(first["timing"]) == ["measured"] * 2 and list(second["timing"]) == ["cached"] * 2
+    assert second.attrs["protocol"] == {"rounds": 3} and len(calls) == 1
+    assert list(second["latency_ms_p50"]) == list(first["latency_ms_p50"])
+    measure.cached_latency(ctx, {"a": a, "b": b}, None, rounds=4)          # other settings
+    b.write_bytes(b"model b, retrained")
+    measure.cached_latency(ctx, {"a": a, "b": b}, None, rounds=3)          # other bytes
+    ctx.retime = True
+    measure.cached_latency(ctx, {"a": a, "b": b}, None, rounds=3)          # asked to re-time
+    assert len(calls) == 4
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="'c'"):
+        measure.cached_latency(ctx, {"c": tmp_path / "missing.onnx"}, None)

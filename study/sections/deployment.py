@@ -163,22 +163,22 @@ def measure(ctx, target: dict, variants_: Sequence[dict], results_dir: Path | No
     the variants interleaved in rotated rounds, the same seeded input. On an SSH target each
     of those processes runs on the device (threads: the device's own physical cores) and
     every round's result is stored under ``results_dir``; locally, threads = this machine's
-    physical cores. Variants whose measurement fails keep a row with NaN latencies and the
+    physical cores. Answered from the cache when the same files were timed the same way on
+    this machine (:func:`study.sections.measure.cached_latency`; ``--retime`` re-measures). Variants whose measurement fails keep a row with NaN latencies and the
     reason in ``error``.
 
     Returns:
         the :func:`study.bench.compare_latency` table indexed by :func:`variant_name`
         (ms, MB, W; ``rounds``, ``threads``, ``cv_p50``, 95 % interval of p50).
     """
-    from .measure import protocol
+    from .measure import cached_latency, protocol
 
     kw = protocol(ctx)
     if target["mode"] == "ssh":
         kw["threads"] = None  # the device's own cores, never this host's count
     items = {variant_name(v): v["path"] for v in variants_}
-    df = bench.compare_latency(items, None, runtime="ort", target=target,
-                               results_dir=results_dir if target["mode"] == "ssh" else None,
-                               errors="record", **kw)
+    df = cached_latency(ctx, items, None, runtime="ort", target=target,
+                        results_dir=results_dir if target["mode"] == "ssh" else None, errors="record", **kw)
     return df.set_index("name", drop=False)
 
 
@@ -204,7 +204,8 @@ def measured_row(ctx, variant: dict, result, scores: dict, target: dict) -> dict
         swap_used_mb=result["swap_used_mb"], power_w=result["power_w_mean"],
         source=f"measured now ({where}; study.bench.compare_latency)",
         runs=result["runs"], memory_source=result["memory_source"],
-        threads=result["threads"], rounds=result["rounds"], error=result["error"])
+        threads=result["threads"], rounds=result["rounds"], error=result["error"],
+        timing=result.get("timing", "measured"))
 
 
 def _labelled_row(ctx, model: str, method: str, scores: dict, hw_label: str, complexity: dict, **extra) -> dict:

@@ -25,6 +25,8 @@ Cached like trained models (issue #13): an ONNX export is kept under
 :meth:`LatencyPlan.measure` of the same models (by weights fingerprint), shapes, runtimes,
 protocol settings, machine and benchmark code is answered from the cache unless the run
 asks for ``--retime`` (``ctx.retime``). The table then says ``timing = "cached"``.
+Sections that time model files directly (05 quantization, 07 deployment, 08 pipeline) use
+:func:`cached_latency`, the same rule keyed by the files' bytes.
 """
 from __future__ import annotations
 
@@ -199,13 +201,15 @@ class LatencyPlan:
 
             for rt, recs in hit["tables"].items():
                 self.tables[rt] = pd.DataFrame(recs)
+                self.tables[rt].attrs = dict(hit.get("attrs", {}).get(rt, {}))
             return
         self._time(out, settings, verbose)
         for m in out.values():
             m["timing"] = "measured"
         cache.put("latency", key, {"out": _native({t: {k: v for k, v in m.items() if k != "timing"}
                                                     for t, m in out.items()}),
-                                   "tables": {rt: _native(df.to_dict("records")) for rt, df in self.tables.items()}})
+                                   "tables": {rt: _native(df.to_dict("records")) for rt, df in self.tables.items()},
+                                   "attrs": {rt: _native(df.attrs) for rt, df in self.tables.items()}})
 
     def _time(self, out: dict, settings: dict, verbose: bool) -> None:
         for rt in self.runtimes:
@@ -222,6 +226,50 @@ class LatencyPlan:
                 if r["error"]:
                     m[f"{rt}_error"] = r["error"]
         return out
+
+
+def cached_latency(ctx, items, input_hw: Sequence[int] | None, **kw):
+    """:func:`study.bench.compare_latency` of model files, answered from the cache when the same
+    files were timed the same way on this machine (issue #13: warm runs do not re-time).
+
+    The key covers every file's bytes (:func:`file_digest`), ``input_hw``, the keyword
+    arguments (threads, rounds, warm-up, target ...), this machine and the benchmark code
+    (:mod:`study.bench` and what it imports); ``--retime`` (``ctx.retime``) re-measures. With no
+    cache on ``ctx`` it just measures.
+
+    Args:
+        ctx: the notebook's context. items: ``{name: model file}``. input_hw: ``(H, W)`` px or
+            None (each ONNX model's static shape). kw: :func:`study.bench.compare_latency`'s.
+
+    Returns:
+        the :func:`study.bench.compare_latency` DataFrame (with its ``attrs["protocol"]``) plus
+        a ``timing`` column: ``"measured"`` now or ``"cached"``.
+
+    Raises:
+        what :func:`study.bench.compare_latency` raises (a missing file: FileNotFoundError).
+    """
+    import pandas as pd
+
+    items = {str(k): Path(v) for k, v in dict(items).items()}
+    for name, path in items.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"cached_latency: model file of {name!r} does not exist: {path}")
+    cache = getattr(ctx, "cache", None)
+    cfg = {"files": {k: file_digest(v) for k, v in items.items()}, "hw": list(input_hw) if input_hw else None,
+           "kw": _native({k: v for k, v in kw.items() if k != "verbose"}),
+           "machine": [platform.node(), platform.processor(), os.cpu_count()]}
+    key = make_key(cfg, modules=["study.bench"])
+    hit = None if cache is None or getattr(ctx, "retime", False) else cache.get("latency-files", key)
+    if hit is not None:
+        df = pd.DataFrame(hit["records"])
+        df.attrs = dict(hit["attrs"])
+        df["timing"] = "cached"
+        return df
+    df = bench.compare_latency(items, input_hw, **kw)
+    if cache is not None:
+        cache.put("latency-files", key, {"records": _native(df.to_dict("records")), "attrs": _native(df.attrs)})
+    df["timing"] = "measured"
+    return df
 
 
 def file_digest(path: str | Path) -> str:

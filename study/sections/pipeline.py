@@ -63,7 +63,7 @@ from ..train import seed_everything
 from . import distillation
 from . import quantization
 from .common import build, cached, finetune, finetune_config
-from .measure import cached_file, file_digest
+from .measure import cached_file, cached_latency, file_digest
 from .quantization import calibration_images, eval_arrays
 from .rows import table_row
 from .structured_pruning import calibration_batches
@@ -573,7 +573,8 @@ def measure_latency(ctx, files: Mapping[str, str | Path], hw: Sequence[int] | No
 
     :func:`study.bench.compare_latency` (a fresh process per measurement, the same seeded
     input, ``threads`` recorded, rounds in rotated order A B C, B C A, ...) with
-    :func:`protocol_settings` of the profile; ORT's CPU provider.
+    :func:`protocol_settings` of the profile; ORT's CPU provider; answered from the cache
+    when the same files were timed the same way (:func:`.measure.cached_latency`).
 
     Args:
         files: variant name -> ``.onnx`` file.
@@ -594,8 +595,8 @@ def measure_latency(ctx, files: Mapping[str, str | Path], hw: Sequence[int] | No
         FileNotFoundError, study.bench.RemoteBenchError: as :func:`study.bench.compare_latency`.
     """
     kw = protocol_settings(ctx.profile, rounds)
-    df = bench.compare_latency({k: str(v) for k, v in files.items()}, None if hw is None else tuple(hw),
-                               runtime="ort", threads=threads, gmacs=dict(gmacs_of) if gmacs_of else None, **kw)
+    df = cached_latency(ctx, {k: str(v) for k, v in files.items()}, None if hw is None else tuple(hw),
+                        runtime="ort", threads=threads, gmacs=dict(gmacs_of) if gmacs_of else None, **kw)
     out = df.set_index("name", drop=False)
     out.attrs = df.attrs
     return out
@@ -643,7 +644,7 @@ def variant_row(ctx, variant: str, method: str, *, complexity: dict, scores: dic
     return table_row(ctx, SECTION, STUDENT, method, scores, complexity=complexity, input_hw=input_hw(ctx),
                      split=scores.get("split", "test"), recovery_steps=int(recovery_steps), variant=variant, precision=precision, runtime="ort",
                      threads=int(latency["threads"]), rounds=int(latency["rounds"]), **lat,
-                     round_p50s_ms=rounds_p50,
+                     round_p50s_ms=rounds_p50, timing=str(latency.get("timing", "measured")),
                      target_fraction=float(target_fraction), target_gmacs=float(target_gmacs),
                      sparsity=float(sparsity), importance=importance, recovery=recovery,
                      train_steps=int(train_steps), train_images=int(train_images),

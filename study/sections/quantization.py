@@ -35,7 +35,7 @@ from .common import build, loaders, trained_model
 from .rows import table_row
 from .distillation import kd_student
 from ..models import model_fingerprint
-from .measure import cached_file, file_digest, protocol
+from .measure import cached_file, cached_latency, file_digest, protocol
 from .structured_pruning import pruned_variant
 
 SECTION = "quantization"
@@ -369,7 +369,7 @@ def measure_variants(ctx, model_name: str, variants: Mapping[str, tuple], eval_x
     if rounds is not None:
         settings["rounds"] = int(rounds)
     names = [FP32] + [m for m in variants if m != FP32]
-    lat = bench.compare_latency({m: variants[m][0] for m in names}, None, errors="record", **settings)
+    lat = cached_latency(ctx, {m: variants[m][0] for m in names}, None, errors="record", **settings)
     lat = lat.set_index("name")
     ref = lat.loc[FP32]
     sel_x, sel_y = selection_arrays(ctx)
@@ -428,7 +428,7 @@ def variant_row(ctx, model_name: str, method: str, runtime: str, precision: str,
                      latency_ms_p50=lat["latency_ms_p50"], latency_ms_p50_ci95_low=lat["latency_ms_p50_ci95_low"],
                      latency_ms_p50_ci95_high=lat["latency_ms_p50_ci95_high"], latency_ms_p90=lat["latency_ms_p90"],
                      latency_ms_p99=lat["latency_ms_p99"], fps=lat["fps"], cv_p50=lat["cv_p50"],
-                     peak_rss_mb=lat["peak_rss_mb"], load_s=lat["load_s"],
+                     peak_rss_mb=lat["peak_rss_mb"], load_s=lat["load_s"], timing=lat.get("timing", "measured"),
                      **{f"iou_{k}": per_class[CLASS_NAMES.index(k)] for k in RARE_CLASSES},
                      **kn, _per_class=list(per_class), **extra)
 
@@ -446,7 +446,7 @@ def torch_rows(ctx, model_name: str, variants: Mapping[str, tuple], eval_x: np.n
     work_dir = Path(work_dir)
     files = {m: bench.save_torch_model(mod, work_dir / f"{slug(model_name)}.{slug(m)}.pt")
              for m, (mod, _) in variants.items()}
-    lat = bench.compare_latency(files, input_hw(ctx), runtime="torch", errors="record", **protocol(ctx))
+    lat = cached_latency(ctx, files, input_hw(ctx), runtime="torch", errors="record", **protocol(ctx))
     lat = lat.set_index("name")
     rows = []
     for m, (mod, prec) in variants.items():
