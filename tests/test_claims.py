@@ -71,3 +71,15 @@ def test_unstructured_speed_claim_uses_the_p50_intervals_of_the_same_protocol(tm
     assert overlap.verdict == C.REPRODUCED and "not detectably faster" in overlap.reason
     faster = table((2.0, 3.0))              # detectably faster than dense: the claim fails
     assert faster.verdict == C.NOT_REPRODUCED and "detectably faster" in faster.reason
+
+
+def test_best_beta_and_lambda_are_read_on_val_as_the_notebook_chooses():
+    import pandas as pd
+    from study.sections import claims
+
+    rows = [("beta_sweep", 0.01, 0.1, 0.30, 0.20), ("beta_sweep", 0.1, 0.1, 0.25, 0.22),
+            ("lambda_sweep", 0.01, 0.01, 0.31, 0.19), ("lambda_sweep", 0.01, 0.1, 0.26, 0.21)]
+    t = {"bilevel_search": pd.DataFrame(rows, columns=["experiment", "beta", "lam", "val_miou", "miou"])}
+    text, verdict, _ = claims._beta_lambda(t, "cpu")
+    # on val: beta 0.01 (source's) and lam 0.01 (not the source's 0.1); on test it would be 0.1 / 0.1
+    assert text == "best beta = 0.01, best lam = 0.01 (on val)" and verdict == claims.NOT_REPRODUCED
