@@ -487,7 +487,7 @@ def test_measure_variants_groups_and_verdicts(tiny, monkeypatch, tmp_path):
     monkeypatch.setattr(sec, "model_budgets", lambda ctx: {sec.MAIN: 6})
     ctx = SimpleNamespace(profile=SimpleNamespace(name="smoke", image_size=HW, crop_size=HW, pretrained=False,
                                                   bench_warmup_s=0.05, bench_min_s=0.1, bench_min_runs=5,
-                                                  batch_size=4))
+                                                  batch_size=4, extra={}))
     variants = {"int8": (q, "int8", "minmax", 4, "qdq_u8s8_pc"), sec.FP32: (path, "fp32", "-", 0, "")}
     rows = sec.measure_variants(ctx, sec.MAIN, variants, val, masks, {"params_m": 0.1, "gmacs": 0.01}, n_threads=1)
     assert seen["items"] == [sec.FP32, "int8"] and seen["threads"] == 1 and seen["errors"] == "record"
