@@ -34,6 +34,7 @@ from ..cache import make_key
 from ..models import model_complexity, model_fingerprint
 from ..train import seed_everything
 from .common import build, cached, eval_loader, finetune
+from .measure import cached_latency, protocol
 from .quantization import calibration_images
 from .rows import table_row
 
@@ -171,8 +172,6 @@ def measure(ctx, target: dict, variants_: Sequence[dict], results_dir: Path | No
         the :func:`study.bench.compare_latency` table indexed by :func:`variant_name`
         (ms, MB, W; ``rounds``, ``threads``, ``cv_p50``, 95 % interval of p50).
     """
-    from .measure import cached_latency, protocol
-
     kw = protocol(ctx)
     if target["mode"] == "ssh":
         kw["threads"] = None  # the device's own cores, never this host's count

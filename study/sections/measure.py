@@ -190,7 +190,7 @@ class LatencyPlan:
             return
         cfg = {"entries": [[t, e["fingerprint"], e["base"], sorted(e["files"])] for t, e in self.entries.items()],
                "hw": list(self.hw), "runtimes": list(self.runtimes), "settings": settings,
-               "machine": [platform.node(), platform.processor(), os.cpu_count()]}
+               "machine": _machine()}
         key = make_key(cfg, modules=["study.bench"])
         hit = None if getattr(self.ctx, "retime", False) else cache.get("latency", key)
         if hit is not None:
@@ -257,7 +257,7 @@ def cached_latency(ctx, items, input_hw: Sequence[int] | None, **kw):
     cache = getattr(ctx, "cache", None)
     cfg = {"files": {k: file_digest(v) for k, v in items.items()}, "hw": list(input_hw) if input_hw else None,
            "kw": _native({k: v for k, v in kw.items() if k != "verbose"}),
-           "machine": [platform.node(), platform.processor(), os.cpu_count()]}
+           "machine": _machine()}
     key = make_key(cfg, modules=["study.bench"])
     hit = None if cache is None or getattr(ctx, "retime", False) else cache.get("latency-files", key)
     if hit is not None:
@@ -316,6 +316,11 @@ def cached_file(ctx, dest: str | Path, key: dict, make, name: str | None = None,
     shutil.copyfile(kept, tmp)
     os.replace(tmp, dest)
     return dest
+
+
+def _machine() -> list:
+    """What identifies this machine in a latency cache key: host name, processor, CPU count."""
+    return [platform.node(), platform.processor(), os.cpu_count()]
 
 
 def _native(obj):
