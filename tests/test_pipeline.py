@@ -148,6 +148,15 @@ def test_export_score_and_rows(smoke, chain, tmp_path):
         sec.export_variants(chain["model"], tmp_path, "t", hw, smoke["cx"], ("bf16",))
     scores, cms = sec.onnx_eval(files["fp32"], smoke["vx"], smoke["vy"])
     assert scores["miou"] == pytest.approx(metrics.miou_from_confusion(cms.sum(0)))
+    # issue #13: with the context's cache, a second evaluation of the same file is read, not re-run
+    s1, c1 = sec.onnx_eval(files["fp32"], smoke["vx"], smoke["vy"], ctx=ctx)
+    real, sec.quant.ort_predict = sec.quant.ort_predict, None    # any ORT call would now fail
+    try:
+        s2, c2 = sec.onnx_eval(files["fp32"], smoke["vx"], smoke["vy"], ctx=ctx)
+    finally:
+        sec.quant.ort_predict = real
+    assert s2["miou"] == s1["miou"] == pytest.approx(scores["miou"]) and np.array_equal(c2, c1)
+    assert c2.dtype == cms.dtype and c2.shape == cms.shape
     # the exported fp32 file scores like the torch model it came from
     assert scores["miou"] == pytest.approx(chain["info"]["miou_after_recovery"], abs=0.02)
     cx = models.model_complexity(chain["model"], hw)

@@ -547,3 +547,41 @@ def test_winner_respects_the_miou_budget_and_verdict_says_why():
     tie = _summary_df([1.6, 1.55], [0.0, 0.0])
     assert any("not distinguishable from r0" in l and "r1" in l for l in sec.verdict(tie, sec.MAIN, sec.MAIN))
     assert sec.winner(sec.recipe_summary(_summary_df([2.0], [-0.05]), sec.MAIN)) is None
+
+
+def test_warm_run_reads_scores_sensitivity_and_sweeps_from_the_cache(tiny, tmp_path, monkeypatch):
+    """Issue #13: a warm run of notebook 05 re-runs no ORT evaluation, no sensitivity scan and no
+    quantization; the cached values equal a fresh computation (arrays included)."""
+    from study.cache import ArtifactCache
+
+    _, path, calib, val, _ = tiny
+    masks = np.random.default_rng(5).integers(0, NUM_CLASSES, (len(val), HW, HW))
+    ctx = SimpleNamespace(cache=ArtifactCache(tmp_path / "cache"))
+    groups = {k: v for k, v in quant.node_groups(path, by="op_type").items() if k in ("Conv", "Softmax")}
+    first = sec.scores(ctx, path, val, masks)
+    sens1 = sec.sensitivity(ctx, path, calib, val, groups, tmp_path / "sens")
+    sweep1 = sec.calibration_size_sweep(path, calib, val, masks, tmp_path / "a", ctx=ctx)
+    fp16 = sec.derived_model(ctx, "fp16", path, tmp_path / "a" / "m.fp16.onnx")
+    calls = []
+    for fn in ("onnx_scores", "node_sensitivity", "quantize_recipe", "convert_fp16"):
+        monkeypatch.setattr(sec.quant, fn, lambda *a, fn=fn, **k: calls.append(fn))
+    again = sec.scores(ctx, path, val, masks)
+    sens2 = sec.sensitivity(ctx, path, calib, val, groups, tmp_path / "sens")
+    sweep2 = sec.calibration_size_sweep(path, calib, val, masks, tmp_path / "b", ctx=ctx)
+    fp16b = sec.derived_model(ctx, "fp16", path, tmp_path / "b" / "m.fp16.onnx")
+    assert calls == []
+    monkeypatch.undo()
+    ref = quant.onnx_scores(path, val, masks, sec.threads())
+    assert again["miou"] == first["miou"] == ref["miou"]
+    np.testing.assert_array_equal(again["confusion"], ref["confusion"])
+    np.testing.assert_array_equal(again["per_class_iou"], ref["per_class_iou"])
+    pd.testing.assert_frame_equal(sens1, sens2)
+    pd.testing.assert_frame_equal(sweep1, sweep2)
+    assert fp16b.read_bytes() == fp16.read_bytes()
+    # other masks are another entry, and bad input names the parameter at fault
+    other = sec.scores(ctx, path, val, (masks + 1) % NUM_CLASSES)
+    assert other["miou"] == pytest.approx(quant.onnx_scores(path, val, (masks + 1) % NUM_CLASSES, 1)["miou"])
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        sec.scores(ctx, tmp_path / "missing.onnx", val, masks)
+    with pytest.raises(ValueError, match="kind"):
+        sec.derived_model(ctx, "int4", path, tmp_path / "x.onnx")

@@ -538,20 +538,31 @@ def export_variants(model: nn.Module, work_dir: str | Path, name: str, hw: Seque
 
 # --------------------------------------------------------------------------- step 5: measure
 
-def onnx_eval(path: str | Path, x: np.ndarray, y: np.ndarray, threads: int | None = None) -> tuple[dict, np.ndarray]:
+def onnx_eval(path: str | Path, x: np.ndarray, y: np.ndarray, threads: int | None = None,
+              ctx=None) -> tuple[dict, np.ndarray]:
     """Scores and per-image confusion matrices of an ONNX model on images / masks.
 
     The logits of :func:`study.quant.ort_predict` are scored once: ``scores`` is
     :func:`study.quant.scores_from_logits` (what :func:`study.quant.onnx_scores` returns:
     ``miou``, ``mdice``, ``per_class_iou`` ...), ``cms`` is :func:`image_confusions` (for
     the paired bootstrap). ``threads``: ORT intra-op threads (None: the study's policy,
-    :func:`study.bench.default_threads`).
+    :func:`study.bench.default_threads`). With ``ctx``, the result is kept in the cache, keyed
+    by the file's bytes, the arrays and the threads (:func:`.quantization.cached_result`): a
+    warm run does not re-run ORT.
 
     Returns:
         ``(scores, cms int64 (N, C, C))``.
     """
-    logits = quant.ort_predict(path, x, threads or bench.default_threads())
-    return quant.scores_from_logits(logits, y), image_confusions(logits, y)
+    threads = threads or bench.default_threads()
+
+    def compute():
+        logits = quant.ort_predict(path, x, threads)
+        return [quant.scores_from_logits(logits, y), image_confusions(logits, y)]
+
+    key = {"file": file_digest(path), "x": quantization.array_digest(x), "y": quantization.array_digest(y),
+           "threads": threads, "eval": "scores+image_confusions"}
+    scores, cms = quantization.cached_result(ctx, "onnx-eval", key, compute)
+    return scores, cms
 
 
 def protocol_settings(profile, rounds: int = 5) -> dict:

@@ -300,6 +300,93 @@ def array_digest(a: np.ndarray) -> str:
 
 # --------------------------------------------------------------------------- measurement
 
+def _pack(obj):
+    """``obj`` in what a ``weights_only`` cache load accepts: numpy arrays as tensors, numpy
+    scalars as Python numbers, containers recursively (inverse: :func:`_unpack`)."""
+    import torch
+
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj))}
+    if isinstance(obj, dict):
+        return {str(k): _pack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v) for v in obj]
+    return obj.item() if isinstance(obj, np.generic) else obj
+
+
+def _unpack(obj):
+    """Inverse of :func:`_pack`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__ndarray__"}:
+            return obj["__ndarray__"].numpy()
+        return {k: _unpack(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v) for v in obj]
+    return obj
+
+
+def cached_result(ctx, name: str, key: dict, compute):
+    """``compute()`` (numbers, numpy arrays, lists and dicts of them) kept in the context's
+    cache under ``name`` / ``key`` (+ the source of :mod:`study.quant` and :mod:`study.metrics`):
+    a warm run reads it (issue #13). ``key`` must name every input (file digests, array
+    digests, settings). Without a cache on ``ctx`` (tests) it just computes."""
+    cache = getattr(ctx, "cache", None) if ctx is not None else None
+    if cache is None or getattr(cache, "root", None) is None:
+        return compute()
+    return _unpack(cache.memo(name, key, lambda: _pack(compute()), modules=["study.quant", "study.metrics"]))
+
+
+def scores(ctx, path: str | Path, images: np.ndarray, masks: np.ndarray) -> dict:
+    """:func:`study.quant.onnx_scores` of an ONNX file at :func:`threads`, computed once per
+    (file bytes, images, masks) and kept in the cache: a warm run does not re-run ORT over
+    the evaluation split (issue #13). The numbers are those of ``onnx_scores``.
+
+    Args:
+        path: the ONNX model. images: float32 ``(N, 3, S, S)``. masks: int64 ``(N, S, S)``.
+
+    Returns:
+        ``miou``, ``mdice``, ``pixel_acc`` (floats), ``per_class_iou`` float64 ``(C,)``,
+        ``confusion`` int64 ``(C, C)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist. ValueError: from ``onnx_scores``.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"scores: ONNX file {path} does not exist")
+    key = {"file": file_digest(path), "x": array_digest(images), "y": array_digest(masks), "threads": threads()}
+    return cached_result(ctx, "onnx-scores", key, lambda: quant.onnx_scores(path, images, masks, threads()))
+
+
+def sensitivity(ctx, fp32_path: str | Path, calib_images: np.ndarray, images: np.ndarray,
+                groups: dict[str, list[str]], work_dir: str | Path) -> pd.DataFrame:
+    """:func:`study.quant.node_sensitivity` (``mode="exclude"``, one ORT thread) of the fp32
+    model, kept in the cache keyed by the file's bytes, the calibration and scan images and
+    the groups (a warm run reads it).
+
+    Returns:
+        the ``node_sensitivity`` DataFrame (one row per variant, reference rows first).
+    """
+    key = {"file": file_digest(fp32_path), "calib": array_digest(calib_images), "x": array_digest(images),
+           "groups": {k: list(v) for k, v in groups.items()}}
+    recs = cached_result(ctx, "node-sensitivity", key, lambda: quant.node_sensitivity(
+        fp32_path, calib_images, images, work_dir=work_dir, groups=groups, threads=1).to_dict("records"))
+    return pd.DataFrame(recs)
+
+
+def derived_model(ctx, kind: str, fp32_path: str | Path, dest: str | Path) -> Path:
+    """``dynamic`` INT8 (:func:`study.quant.quantize_dynamic_int8`) or ``fp16``
+    (:func:`study.quant.convert_fp16`, fp32 I/O kept) of an fp32 ONNX file, made once per
+    fp32 file and kept in the cache (:func:`.measure.cached_file`).
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    makers = {"dynamic": quant.quantize_dynamic_int8, "fp16": quant.convert_fp16}
+    if kind not in makers:
+        raise ValueError(f"derived_model: kind must be one of {sorted(makers)}; got {kind!r}")
+    return cached_file(ctx, dest, {kind: file_digest(fp32_path)}, lambda p: makers[kind](fp32_path, p))
+
+
 def paired_speedup(ref: Mapping, row: Mapping, n_boot: int = 2000) -> tuple[float, float, float]:
     """Speed-up of ``row`` over ``ref`` from one interleaved :func:`study.bench.compare_latency`
     call: the median over rounds of ``ref_p50 / row_p50`` of the SAME round (both timed in
@@ -376,12 +463,12 @@ def measure_variants(ctx, model_name: str, variants: Mapping[str, tuple], eval_x
     rows = []
     for m in names:
         path, prec, cal, n, recipe = variants[m]
-        scores = quant.onnx_scores(path, eval_x, eval_y, threads())
-        scores["val_miou"] = quant.onnx_scores(path, sel_x, sel_y, threads())["miou"]
+        sc = scores(ctx, path, eval_x, eval_y)
+        sc["val_miou"] = scores(ctx, path, sel_x, sel_y)["miou"]
         sp = paired_speedup(ref, lat.loc[m])
-        rows.append(variant_row(ctx, model_name, m, "ort", prec, cal, n, complexity=complexity, scores=scores,
+        rows.append(variant_row(ctx, model_name, m, "ort", prec, cal, n, complexity=complexity, scores=sc,
                                 lat=lat.loc[m], path=path, kernels=node_summary(path), recipe=recipe,
-                                group=group, eval_split=split, val_miou=scores["val_miou"],
+                                group=group, eval_split=split, val_miou=sc["val_miou"],
                                 speedup_vs_ort_fp32=sp[0], speedup_ci95_low=sp[1],
                                 speedup_ci95_high=sp[2],
                                 latency_verdict_vs_fp32="reference" if m == FP32 else
@@ -465,42 +552,56 @@ def calibration_sizes(n_available: int) -> list[int]:
 
 
 def calibration_size_sweep(fp32_path: str | Path, calib_images: np.ndarray, eval_images: np.ndarray,
-                           eval_masks: np.ndarray, work_dir: str | Path, prefix: str = "main") -> pd.DataFrame:
+                           eval_masks: np.ndarray, work_dir: str | Path, prefix: str = "main",
+                           ctx=None) -> pd.DataFrame:
     """mIoU / mDice of the default recipe calibrated on the first ``n`` images of the calibration set.
 
     For each ``n`` of :func:`calibration_sizes`: :func:`study.quant.quantize_recipe`
     (:data:`DEFAULT_RECIPE`) on :func:`study.quant.calibration_set` ``(calib_images, n)``,
     written to ``<work_dir>/<prefix>.calib<n>.onnx``, scored with
-    :func:`study.quant.onnx_scores`.
+    :func:`study.quant.onnx_scores`. With ``ctx``, the INT8 files and their scores are kept
+    in the cache (:func:`build_recipes`, :func:`scores`): a warm run reads them.
 
     Returns:
         DataFrame ``calib_images, miou, mdice``, one row per size.
     """
     rows = []
     for n in calibration_sizes(len(calib_images)):
-        q = quant.quantize_recipe(fp32_path, Path(work_dir) / f"{prefix}.calib{n}.onnx", DEFAULT_RECIPE,
-                                  quant.calibration_set(calib_images, n), table_dir=work_dir)
-        s = quant.onnx_scores(q, eval_images, eval_masks, threads())
+        q = _quantize(ctx, fp32_path, Path(work_dir) / f"{prefix}.calib{n}.onnx",
+                      quant.calibration_set(calib_images, n), work_dir)
+        s = scores(ctx, q, eval_images, eval_masks)
         rows.append({"calib_images": n, "miou": s["miou"], "mdice": s["mdice"]})
     return pd.DataFrame(rows)
 
 
+def _quantize(ctx, fp32_path, dest: Path, calib_images: np.ndarray, work_dir, method: str = "minmax") -> Path:
+    """:data:`DEFAULT_RECIPE` with calibration ``method`` on ``calib_images``, written to ``dest``
+    (kept in the cache with ``ctx``, keyed like :func:`build_recipes`)."""
+    make = lambda p: quant.quantize_recipe(fp32_path, p, DEFAULT_RECIPE, calib_images, method=method,  # noqa: E731
+                                           table_dir=work_dir)
+    if ctx is None:
+        return Path(make(dest))
+    return cached_file(ctx, dest, {"int8": file_digest(fp32_path), "recipe": DEFAULT_RECIPE, "method": method,
+                                   "calib": array_digest(calib_images)}, make)
+
+
 def calibration_method_sweep(fp32_path: str | Path, calib_images: np.ndarray, eval_images: np.ndarray,
                              eval_masks: np.ndarray, work_dir: str | Path, prefix: str = "main",
-                             methods: Sequence[str] = ("minmax", "entropy", "percentile")) -> pd.DataFrame:
+                             methods: Sequence[str] = ("minmax", "entropy", "percentile"),
+                             ctx=None) -> pd.DataFrame:
     """mIoU / mDice of the default recipe calibrated on the whole calibration set with each
     calibration method (MinMax, Entropy, Percentile 99.999; ORT docs, "Quantize ONNX Models",
     *Static Quantization*). The graphs differ only in their scales, so they are not timed
-    (their latency is the default recipe's).
+    (their latency is the default recipe's). With ``ctx``, files and scores are cached as in
+    :func:`calibration_size_sweep`.
 
     Returns:
         DataFrame ``calibration, calib_images, miou, mdice``, one row per method.
     """
     rows = []
     for meth in methods:
-        q = quant.quantize_recipe(fp32_path, Path(work_dir) / f"{prefix}.{meth}.onnx", DEFAULT_RECIPE, calib_images,
-                                  method=meth, table_dir=work_dir)
-        s = quant.onnx_scores(q, eval_images, eval_masks, threads())
+        q = _quantize(ctx, fp32_path, Path(work_dir) / f"{prefix}.{meth}.onnx", calib_images, work_dir, meth)
+        s = scores(ctx, q, eval_images, eval_masks)
         rows.append({"calibration": meth, "calib_images": len(calib_images), "miou": s["miou"], "mdice": s["mdice"]})
     return pd.DataFrame(rows)
 
@@ -673,6 +774,6 @@ __all__ = ["SECTION", "CALIB_SPLIT", "EVAL_SPLIT", "STUDENT", "SECOND", "PRUNE_S
            "threads", "array_digest", "export_fp32", "model_budgets", "selection_arrays", "split_arrays", "calibration_images", "eval_arrays", "sensitivity_images", "pruned_student",
            "study_models", "slug", "recipes_for", "sweep_models", "sensitivity_groups", "selective_recipe",
            "build_recipes", "paired_speedup", "node_summary", "measure_variants", "variant_row", "torch_rows",
-           "calibration_sizes", "calibration_size_sweep", "calibration_method_sweep", "op_breakdown",
+           "cached_result", "scores", "sensitivity", "derived_model", "calibration_sizes", "calibration_size_sweep", "calibration_method_sweep", "op_breakdown",
            "explain_speedup", "reported_by_source", "results_table", "recipe_summary", "winner", "verdict",
            "trained_model", "kd_student"]
