@@ -141,6 +141,9 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
             ``seconds`` are then wall times of notebooks that shared the machine (``run.json``
             records ``jobs``): use 1 for timings, more to finish sooner (the test suite's smoke
             build uses 2). Tables do not depend on it (the same seeds, cache keys and data).
+            With ``jobs > 1`` the kernels (and the benchmark processes they fork) get
+            ``OMP_WAIT_POLICY=PASSIVE`` unless it is set: OpenMP threads that spin on shared
+            cores inflate torch latencies ~50x (recorded as ``omp_wait_policy`` in ``run.json``).
 
     Returns:
         the run record (as written to ``run.json``); ``record['failed']`` lists failed notebooks.
@@ -174,6 +177,12 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
            RDZV_ENV: rdzv_endpoint or "", FULL_GRID_ENV: "1" if full_grid else "",
            RETIME_ENV: "1" if retime else "",
            CACHE_DIR_ENV: str(Path(cache_dir).resolve()) if cache_dir else ""}
+    if int(jobs) > 1 and "OMP_WAIT_POLICY" not in os.environ:
+        # Kernels that share the cores must not busy-wait: with OpenMP's default (active)
+        # policy, a 2-thread torch benchmark forked beside another kernel measured 997 ms
+        # p50 for a smoke MobileViT-S that takes 15-18 ms (1 thread, or PASSIVE), and it
+        # slows the other kernel's training too. One-at-a-time runs keep the default.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     params = {"profile": profile, "seed": seed, "data_root": data_root, "build_dir": str(build),
@@ -217,6 +226,7 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
                "weights_dir": prof.weights_dir, "weights": weights,
                "nproc": int(nproc), "nnodes": int(nnodes), "rdzv_endpoint": rdzv_endpoint,
                "full_grid": bool(full_grid), "retime": bool(retime), "cache_dir": cache_dir, "jobs": int(jobs),
+               "omp_wait_policy": env.get("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)")),
                "profile_config": prof.to_dict(), **provenance(),
                "notebooks": [prev[s] for s in NOTEBOOKS if s in prev],
                "failed": [r["name"] for r in records if r["status"] != "ok"]}

@@ -4,6 +4,7 @@ Also: a failing notebook does not stop the others, and the same profile and seed
 same non-timing table values.
 """
 import json
+import os
 import re
 from pathlib import Path
 
@@ -156,18 +157,22 @@ def test_jobs_run_the_head_notebooks_first_then_the_rest_at_once(tmp_path, monke
         nb = nbformat.v4.new_notebook(cells=[
             nbformat.v4.new_code_cell('profile = "smoke"\nseed = 0\ndata_root = ""\nbuild_dir = ""\nfresh = False\nbench_host = ""',
                                       metadata={"tags": ["parameters"]}),
-            nbformat.v4.new_code_cell("import time, json, pathlib\nt0 = time.time(); time.sleep(1.5)\n"
+            nbformat.v4.new_code_cell("import os, time, json, pathlib\nt0 = time.time(); time.sleep(1.5)\n"
                                       f"pathlib.Path({str(tmp_path)!r}, '{stem}.json').write_text("
-                                      "json.dumps([t0, time.time()]))")])
+                                      "json.dumps([t0, time.time(), os.environ.get('OMP_WAIT_POLICY')]))")])
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nbformat.write(nb, nbdir / f"{stem}.ipynb")
     monkeypatch.setattr(runner, "NB_DIR", nbdir)
     monkeypatch.setattr(runner, "NOTEBOOKS", {s: (f"sec{i}",) for i, s in enumerate(stems)})
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     rec = runner.run("smoke", build_dir=str(tmp_path / "b"), kernel="python3", report=False, jobs=2)
     assert [n["name"] for n in rec["notebooks"]] == stems and rec["failed"] == [] and rec["jobs"] == 2
     t = {s: json.loads((tmp_path / f"{s}.json").read_text()) for s in stems}
     assert t["00_baselines"][1] <= t["01_distillation"][0] <= t["01_distillation"][1] <= min(t["02_x"][0], t["03_y"][0])
     assert t["02_x"][0] < t["03_y"][1] and t["03_y"][0] < t["02_x"][1]  # the two overlapped
+    # kernels sharing the cores do not busy-wait (OpenMP), and run.json says so; the caller's env is restored
+    assert all(t[s][2] == "PASSIVE" for s in stems) and rec["omp_wait_policy"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in os.environ
     with pytest.raises(ValueError, match="jobs"):
         runner.run("smoke", build_dir=str(tmp_path / "c"), kernel="python3", report=False, jobs=0)
 
