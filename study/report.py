@@ -180,8 +180,8 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
     if int(jobs) > 1 and "OMP_WAIT_POLICY" not in os.environ:
         # Kernels that share the cores must not busy-wait: with OpenMP's default (active)
         # policy, a 2-thread torch benchmark forked beside another kernel measured 997 ms
-        # p50 for a smoke MobileViT-S that takes 15-18 ms (1 thread, or PASSIVE), and it
-        # slows the other kernel's training too. One-at-a-time runs keep the default.
+        # p50 for a smoke MobileViT-S that takes 15-18 ms (1 thread, or PASSIVE):
+        # benchmarks/results/omp-wait-policy-2026-11-29.txt. One-at-a-time runs keep the default.
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -560,7 +560,7 @@ def onnx_eval(path: str | Path, x: np.ndarray, y: np.ndarray, threads: int | Non
         return [quant.scores_from_logits(logits, y), image_confusions(logits, y)]
 
     key = {"file": file_digest(path), "x": quantization.array_digest(x), "y": quantization.array_digest(y),
-           "threads": threads, "eval": "scores+image_confusions"}
+           "threads": threads}
     scores, cms = quantization.cached_result(ctx, "onnx-eval", key, compute)
     return scores, cms
 

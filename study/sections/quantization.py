@@ -329,7 +329,15 @@ def cached_result(ctx, name: str, key: dict, compute):
     """``compute()`` (numbers, numpy arrays, lists and dicts of them) kept in the context's
     cache under ``name`` / ``key`` (+ the source of :mod:`study.quant` and :mod:`study.metrics`):
     a warm run reads it (issue #13). ``key`` must name every input (file digests, array
-    digests, settings). Without a cache on ``ctx`` (tests) it just computes."""
+    digests, settings). Without a cache on ``ctx`` (tests) it just computes.
+
+    Returns:
+        what ``compute()`` returns (numpy arrays keep their dtype and shape; tuples come back
+        as lists).
+
+    Raises:
+        whatever ``compute()`` raises (nothing is stored then).
+    """
     cache = getattr(ctx, "cache", None) if ctx is not None else None
     if cache is None or getattr(cache, "root", None) is None:
         return compute()
@@ -363,8 +371,17 @@ def sensitivity(ctx, fp32_path: str | Path, calib_images: np.ndarray, images: np
     model, kept in the cache keyed by the file's bytes, the calibration and scan images and
     the groups (a warm run reads it).
 
+    Args:
+        fp32_path: the fp32 ONNX model. calib_images: float32 ``(N, 3, S, S)``.
+        images: float32 ``(M, 3, S, S)`` scan images. groups: ``{group: [node names]}``.
+        work_dir: folder of the variant models.
+
     Returns:
-        the ``node_sensitivity`` DataFrame (one row per variant, reference rows first).
+        the ``node_sensitivity`` DataFrame (one row per variant, reference rows first;
+        ``sqnr_db`` in dB, ``miou`` / ``argmax_agreement`` fractions).
+
+    Raises:
+        ValueError: images of the wrong shape (from ``node_sensitivity``).
     """
     key = {"file": file_digest(fp32_path), "calib": array_digest(calib_images), "x": array_digest(images),
            "groups": {k: list(v) for k, v in groups.items()}}
@@ -378,8 +395,14 @@ def derived_model(ctx, kind: str, fp32_path: str | Path, dest: str | Path) -> Pa
     (:func:`study.quant.convert_fp16`, fp32 I/O kept) of an fp32 ONNX file, made once per
     fp32 file and kept in the cache (:func:`.measure.cached_file`).
 
+    Args:
+        kind: ``"dynamic"`` or ``"fp16"``. fp32_path: the fp32 ONNX model. dest: output file.
+
+    Returns:
+        ``Path(dest)``.
+
     Raises:
-        ValueError: an unknown ``kind``.
+        ValueError: an unknown ``kind``. FileNotFoundError: ``fp32_path`` does not exist.
     """
     makers = {"dynamic": quant.quantize_dynamic_int8, "fp16": quant.convert_fp16}
     if kind not in makers:
