@@ -720,9 +720,84 @@ def float_nodes(graph_path: str | os.PathLike, op_types: Sequence[str]) -> list[
     return sorted(names)
 
 
+#: Most MB of intermediate tensors a histogram calibrator (Entropy, Percentile,
+#: Distribution) is given at once. ORT's ``HistogramCalibrater.collect_data`` keeps every
+#: float tensor of every image it reads until the pass ends: a 512 x 512 MobileViT-S +
+#: UPerNet graph has 1.3 GB of them per image, so the paper profile's 16-image dry-run
+#: calibration held 23 GB and was OOM-killed (issue #17). Larger sets are fed in passes
+#: (:func:`calibration_chunk`). A fixed number, not a share of this machine's RAM, so the
+#: passes - and the ranges - are the same on every machine.
+CALIB_MAX_MB = 2048.0
+
+_HISTOGRAM_METHODS = ("entropy", "percentile", "distribution")
+
+
+def activation_mb(graph_path: str | os.PathLike) -> float:
+    """MB (2**20 bytes) of every float node output of one image, from the graph's shapes.
+
+    Read from ``value_info`` (``quant_pre_process`` writes it; :func:`prepare_graph`):
+    float32 counts 4 bytes, float16 2. Outputs without a static shape are counted at the
+    mean size of those with one.
+
+    Args:
+        graph_path: ``.onnx`` with batch 1.
+
+    Raises:
+        FileNotFoundError: no ``graph_path``.
+    """
+    g = onnx.load(str(_existing(graph_path, "ONNX graph")), load_external_data=False).graph
+    info = {v.name: v.type.tensor_type for v in (*g.value_info, *g.output, *g.input)}
+    size = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2}
+    known, unknown = [], 0
+    for out in (o for n in g.node for o in n.output if o):
+        t = info.get(out)
+        if t is None or not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim):
+            unknown += 1
+        elif t.elem_type in size:
+            known.append(float(np.prod([d.dim_value for d in t.shape.dim])) * size[t.elem_type])
+    total = sum(known) + (unknown * sum(known) / len(known) if known else 0.0)
+    return total / 2**20
+
+
+def calibration_chunk(graph_path: str | os.PathLike, n_images: int, method: str = "minmax",
+                      max_mb: float = CALIB_MAX_MB) -> int:
+    """Images per calibrator pass: all ``n_images`` unless a histogram method would hold
+    more than ``max_mb`` of intermediate tensors at once.
+
+    MinMax keeps only per-image ReduceMin / ReduceMax scalars (ORT's ``MinMaxCalibrater``),
+    so it always takes the whole set in one pass. Entropy, Percentile and Distribution keep
+    every float tensor (:func:`activation_mb` per image); they get the largest divisor of
+    ``n_images`` whose passes stay within ``max_mb`` (at least 1 image), so every pass has
+    the same size. The passes go to one calibrator, whose histogram collector merges them
+    (ORT's ``HistogramCollector``: the range widens and old counts are re-binned), so a
+    chunked histogram equals ORT's own multi-pass result, not bit-for-bit the one-pass one.
+
+    Args:
+        graph_path: the prepared graph the calibrator runs (:func:`prepare_graph`).
+        n_images: calibration images (> 0).
+        method: calibration method (see :func:`calibration_table`).
+        max_mb: memory budget of one pass, MB (> 0).
+
+    Returns:
+        the pass size, a divisor of ``n_images``.
+
+    Raises:
+        ValueError: ``n_images`` or ``max_mb`` not positive; unknown ``method``.
+    """
+    _calib_method(method)
+    if int(n_images) < 1 or not max_mb > 0:
+        raise ValueError(f"calibration_chunk: n_images ({n_images}) and max_mb ({max_mb}) must be positive")
+    n = int(n_images)
+    if str(method).lower() not in _HISTOGRAM_METHODS:
+        return n
+    fit = max(1, int(max_mb // max(activation_mb(graph_path), 1e-9)))
+    return max(d for d in range(1, min(n, fit) + 1) if n % d == 0)
+
+
 def calibration_table(fp32_path: str | os.PathLike, calib_images, out_path: str | os.PathLike,
                       method: str = "minmax", activation_symmetric: bool = False,
-                      percentile: float = 99.999, graph_prep: str = "quant_pre_process") -> Path:
+                      percentile: float = 99.999, graph_prep: str = "quant_pre_process",
+                      max_mb: float = CALIB_MAX_MB) -> Path:
     """Calibrate once: run the pre-processed model on ``calib_images`` and store tensor ranges.
 
     The JSON written is ORT's calibration cache (``save_tensors_data``): tensor name ->
@@ -740,19 +815,28 @@ def calibration_table(fp32_path: str | os.PathLike, calib_images, out_path: str 
         percentile: kept percentile for ``percentile`` calibration.
         graph_prep: the graph the table is computed on (:func:`prepare_graph`); a table
             fits only models quantized from the same prepared graph (tensor names).
+        max_mb: memory budget of one calibrator pass, MB; histogram methods read the
+            images in passes of :func:`calibration_chunk` images.
 
     Returns:
         ``Path`` of the JSON table.
+
+    Raises:
+        FileNotFoundError: no ``fp32_path``.
+        ValueError: bad images, method or ``max_mb``.
     """
     pre = prepare_graph(fp32_path, graph_prep)
     reader = calibration_reader(calibration_set(calib_images))
+    step = calibration_chunk(pre, len(reader), method, max_mb)
     opts = {"symmetric": bool(activation_symmetric)}
     if str(method).lower() == "percentile":
         opts["percentile"] = float(percentile)
     with tempfile.TemporaryDirectory(prefix="ort_calib_") as tmpd:
         cal = create_calibrator(pre, None, augmented_model_path=str(Path(tmpd) / "augmented.onnx"),
                                 calibrate_method=_calib_method(method), extra_options=opts)
-        cal.collect_data(reader)
+        for start in range(0, len(reader), step):      # one pass unless a histogram is too big
+            reader.set_range(start, start + step)
+            cal.collect_data(reader)
         ranges = cal.compute_data()
         del cal
     out = Path(out_path)
@@ -767,7 +851,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                   weight_symmetric: bool = True, reduce_range: bool = False, percentile: float = 99.999,
                   calibration_cache: str | os.PathLike | None = None, nodes_to_quantize: Sequence[str] | None = None,
                   extra_options: dict | None = None, graph_prep: str = "quant_pre_process",
-                  float_op_types: Sequence[str] = ()) -> Path:
+                  float_op_types: Sequence[str] = (), max_mb: float = CALIB_MAX_MB) -> Path:
     """Static INT8 post-training quantization with ONNX Runtime's ``quantize_static``.
 
     Affine quantization (Jacob et al. 2018): ``x_q = clamp(round(x / s) + z)``; activations
@@ -802,6 +886,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             calibration computed here is stored there.
         nodes_to_quantize: quantize only these nodes (None: all).
         extra_options: further ``quantize_static`` ``extra_options`` (override the above).
+        max_mb: memory budget of one calibrator pass, MB: histogram methods calibrate in
+            passes of :func:`calibration_chunk` images (``CalibStridedMinMax``, which ORT
+            applies to every calibrator).
 
     Returns:
         ``Path`` of the INT8 model.
@@ -821,6 +908,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             "CalibTensorRangeSymmetric": bool(activation_symmetric)}
     if str(method).lower() == "percentile":
         opts["CalibPercentile"] = float(percentile)
+    if calib_images is not None and (step := calibration_chunk(pre, len(calib_images), method, max_mb)) < len(calib_images):
+        opts["CalibStridedMinMax"] = step
     opts.update(extra_options or {})
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

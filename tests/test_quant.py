@@ -585,3 +585,82 @@ def test_warm_run_reads_scores_sensitivity_and_sweeps_from_the_cache(tiny, tmp_p
         sec.scores(ctx, tmp_path / "missing.onnx", val, masks)
     with pytest.raises(ValueError, match="kind"):
         sec.derived_model(ctx, "int4", path, tmp_path / "x.onnx")
+
+
+def _float_outputs_mb(graph_path, image):
+    """Independent count: expose every node output of the graph and sum the float bytes ORT returns."""
+    m = onnx.load(str(graph_path))
+    have = {o.name for o in m.graph.output}
+    for n in m.graph.node:
+        for o in n.output:
+            if o and o not in have:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(o))
+                have.add(o)
+    import onnxruntime as ort
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {quant.INPUT_NAME: image})
+    return sum(a.nbytes for a in outs if a.dtype in (np.float32, np.float16)) / 2**20
+
+
+def test_activation_mb_equals_the_bytes_ort_computes(tiny):
+    _, path, calib, _, _ = tiny
+    pre = quant.prepare_graph(path, "quant_pre_process")
+    assert quant.activation_mb(pre) == pytest.approx(_float_outputs_mb(pre, calib[:1]), rel=1e-6)
+
+
+def test_calibration_chunk_rule(tiny):
+    _, path, _, _, _ = tiny
+    pre = quant.prepare_graph(path, "quant_pre_process")
+    per = quant.activation_mb(pre)
+    assert quant.calibration_chunk(pre, 6, "minmax", max_mb=per / 10) == 6          # MinMax: reductions only
+    assert quant.calibration_chunk(pre, 6, "entropy", max_mb=4.5 * per) == 3        # largest divisor <= 4
+    assert quant.calibration_chunk(pre, 7, "percentile", max_mb=4.5 * per) == 1     # prime: one image a pass
+    assert quant.calibration_chunk(pre, 6, "entropy", max_mb=per / 10) == 1         # at least one image
+    assert quant.calibration_chunk(pre, 6, "entropy", max_mb=100 * per) == 6
+    for bad in ({"n_images": 0}, {"max_mb": 0.0}, {"method": "kl"}):
+        with pytest.raises(ValueError):
+            quant.calibration_chunk(pre, **{"n_images": 4, "method": "entropy", "max_mb": per, **bad})
+
+
+def test_histogram_calibration_reads_the_images_in_passes(tiny, tmp_path, monkeypatch):
+    """Issue #17's OOM: Entropy / Percentile hold every tensor of a pass; passes bound that."""
+    _, path, calib, val, _ = tiny
+    pre = quant.prepare_graph(path, "quant_pre_process")
+    per = quant.activation_mb(pre)
+    passes = []
+    real = quant.create_calibrator
+
+    def spy(*a, **k):
+        cal = real(*a, **k)
+        collect = cal.collect_data
+
+        def counted(reader):
+            passes.append(min(reader.end, len(reader)) - reader.start)
+            return collect(reader)
+        cal.collect_data = counted
+        return cal
+    monkeypatch.setattr(quant, "create_calibrator", spy)
+    chunked = quant.calibration_table(path, calib, tmp_path / "e2.json", method="entropy", max_mb=2.5 * per)
+    assert passes == [2, 2]
+    passes.clear()
+    whole = quant.calibration_table(path, calib, tmp_path / "e4.json", method="entropy")
+    assert passes == [4]
+    passes.clear()
+    quant.calibration_table(path, calib, tmp_path / "m.json", method="minmax", max_mb=per / 10)
+    assert passes == [4]                                          # MinMax never needs passes
+    a, b = quant.load_tensors_data(chunked).data, quant.load_tensors_data(whole).data
+    assert set(a) == set(b) and len(a) > 10
+
+    # quantize_static calibrating itself gets the same passes through CalibStridedMinMax
+    seen = {}
+    real_qs = quant.ortq.quantize_static
+
+    def qs(*a, **k):
+        seen.update(k["extra_options"])
+        return real_qs(*a, **k)
+    monkeypatch.setattr(quant.ortq, "quantize_static", qs)
+    q = quant.quantize_int8(path, tmp_path / "e.int8.onnx", calib, method="entropy", max_mb=2.5 * per)
+    assert seen["CalibStridedMinMax"] == 2 and np.isfinite(quant.ort_predict(q, val)).all()
+    seen.clear()
+    quant.quantize_int8(path, tmp_path / "m.int8.onnx", calib, method="minmax", max_mb=2.5 * per)
+    assert "CalibStridedMinMax" not in seen
