@@ -57,6 +57,23 @@ def test_fast_dev_run_keeps_shapes_and_sweeps_and_shrinks_steps():
     assert paper.out_name == "paper" and not paper.dry_run
 
 
+def test_dry_run_benchmarks_are_three_timed_runs_of_the_same_protocol():
+    """Issue #17: "3 runs per benchmark" - 3 interleaved rounds (fresh processes) of one run, no warm-up."""
+    from types import SimpleNamespace
+
+    from study.sections import measure, pipeline
+
+    dry = PROFILES["paper"].fast_dev_run()
+    kw = measure.protocol(SimpleNamespace(profile=dry))
+    assert kw["rounds"] * kw["min_runs"] == 3 and kw["rounds"] >= 2          # an interval over rounds
+    assert kw["warmup_runs"] == 0 and kw["warmup_s"] == 0 and kw["min_s"] == 0
+    pk = pipeline.protocol_settings(dry)
+    assert pk["rounds"] * pk["min_runs"] == 3 and pk["warmup_runs"] == 0 and pk["min_s"] == 0
+    cpu = measure.protocol(SimpleNamespace(profile=PROFILES["cpu"]))            # real runs: unchanged
+    assert (cpu["rounds"], cpu["min_runs"], cpu["warmup_runs"]) == (5, 10, 3)
+    assert pipeline.protocol_settings(PROFILES["cpu"])["min_runs"] == 10 and "warmup_runs" not in pipeline.protocol_settings(PROFILES["cpu"])
+
+
 def test_paper_is_pretrained_and_runs_on_a_cpu_only_as_a_dry_run():
     assert PROFILES["paper"].pretrained and not PROFILES["cpu"].pretrained and not PROFILES["smoke"].pretrained
     with pytest.raises(ProfileError, match="--fast-dev-run"):

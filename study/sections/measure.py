@@ -62,8 +62,16 @@ def protocol(ctx) -> dict:
     ``bench_warmup_s``, ``min_s`` = a third of ``bench_min_s`` (so each model gets
     ``rounds * min_s`` ~ 5 s of timed runs in ``cpu``), ``min_runs`` = ``bench_min_runs // 5``
     (at least 3), ``warmup_runs`` = 3.
+
+    A dry run (``--fast-dev-run``, issue #17: "3 runs per benchmark") keeps the protocol -
+    fresh processes, interleaved rounds, an interval over rounds - at its smallest:
+    ``bench_min_runs`` (3) rounds of one timed run each and no warm-up, so every benchmark
+    is 3 timed runs (it was 5 rounds x (3 warm-up + 3 timed) before).
     """
     p = ctx.profile
+    if p.dry_run:
+        return {"threads": bench.default_threads(), "rounds": max(2, int(p.bench_min_runs)), "warmup_s": 0.0,
+                "min_s": 0.0, "min_runs": 1, "warmup_runs": int(p.bench_warmup_runs)}
     return {"threads": bench.default_threads(), "rounds": int(p.extra.get("latency_rounds", 5)),
             "warmup_s": p.bench_warmup_s / 2, "min_s": p.bench_min_s / 3,
             "min_runs": max(3, p.bench_min_runs // 5), "warmup_runs": 3}

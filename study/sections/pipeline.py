@@ -572,8 +572,13 @@ def protocol_settings(profile, rounds: int = 5) -> dict:
     ``warmup_s`` = ``bench_warmup_s / 2`` (each round runs in a fresh process, so every
     round warms up again), ``min_s`` = ``bench_min_s / rounds`` and ``min_runs`` =
     ``bench_min_runs // rounds`` (at least 5): the total timed time per variant is the
-    profile's, now in ``rounds`` interleaved slices.
+    profile's, now in ``rounds`` interleaved slices. A dry run (``profile.dry_run``) times
+    each variant ``bench_min_runs`` (3) times: that many rounds of one run, no warm-up (as
+    :func:`study.sections.measure.protocol`).
     """
+    if profile.dry_run:
+        return {"rounds": max(2, int(profile.bench_min_runs)), "warmup_s": 0.0, "min_s": 0.0, "min_runs": 1,
+                "warmup_runs": int(profile.bench_warmup_runs)}
     return {"rounds": int(rounds), "warmup_s": profile.bench_warmup_s / 2, "min_s": profile.bench_min_s / rounds,
             "min_runs": max(5, profile.bench_min_runs // rounds)}
 
