@@ -69,7 +69,7 @@ def protocol(ctx) -> dict:
     is 3 timed runs (it was 5 rounds x (3 warm-up + 3 timed) before).
     """
     p = ctx.profile
-    if p.dry_run:
+    if getattr(p, "dry_run", False):
         return {"threads": bench.default_threads(), "rounds": max(2, int(p.bench_min_runs)), "warmup_s": 0.0,
                 "min_s": 0.0, "min_runs": 1, "warmup_runs": int(p.bench_warmup_runs)}
     return {"threads": bench.default_threads(), "rounds": int(p.extra.get("latency_rounds", 5)),

@@ -576,7 +576,7 @@ def protocol_settings(profile, rounds: int = 5) -> dict:
     each variant ``bench_min_runs`` (3) times: that many rounds of one run, no warm-up (as
     :func:`study.sections.measure.protocol`).
     """
-    if profile.dry_run:
+    if getattr(profile, "dry_run", False):
         return {"rounds": max(2, int(profile.bench_min_runs)), "warmup_s": 0.0, "min_s": 0.0, "min_runs": 1,
                 "warmup_runs": int(profile.bench_warmup_runs)}
     return {"rounds": int(rounds), "warmup_s": profile.bench_warmup_s / 2, "min_s": profile.bench_min_s / rounds,
