@@ -52,6 +52,8 @@ class Profile:
         extra: free-form settings; ``torch_threads`` (int) fixes torch's intra-op threads,
             ``latency_rounds`` (int, default 5) the rounds of every latency comparison
             (:func:`study.sections.measure.protocol`),
+            ``onnx_simplify`` (bool, default True) whether ONNX exports run onnxslim
+            (:func:`study.sections.measure.onnx_simplify`; ``smoke`` skips it),
             ``kd_steps`` and ``iterative_budget_s`` override section plans (see
             :mod:`study.sections.distillation`, :mod:`study.sections.iterative_pruning`).
         pretrained: start every encoder from its ImageNet checkpoint
@@ -157,7 +159,7 @@ PROFILES = {
         bench_warmup_s=0.05, bench_min_s=0.1, bench_min_runs=5, search_steps=4,
         # tiny tensors gain nothing from a second thread, and one thread keeps the smoke
         # run fast when the machine is shared
-        extra={"torch_threads": 1, "latency_rounds": 2}, n_test=8,
+        extra={"torch_threads": 1, "latency_rounds": 2, "onnx_simplify": False}, n_test=8,
     ),
     "cpu": Profile(
         name="cpu", image_size=96, crop_size=96, n_train=320, n_val=64, batch_size=8,

@@ -31,7 +31,7 @@ def test_latency_and_onnx_are_reused_until_retime(tmp_path, monkeypatch):
 
     real_export = measure.export_onnx
     monkeypatch.setattr(measure.bench, "compare_latency", fake_compare)
-    monkeypatch.setattr(measure, "export_onnx", lambda m, p, hw: exports.append(p) or real_export(m, p, hw))
+    monkeypatch.setattr(measure, "export_onnx", lambda m, p, hw, **kw: exports.append(p) or real_export(m, p, hw, **kw))
     torch.manual_seed(0)
     model = Tiny()
     ctx = SimpleNamespace(profile=PROFILES["smoke"], cache=ArtifactCache(tmp_path / "cache"), retime=False)
@@ -120,3 +120,29 @@ def test_cached_latency_reuses_the_measurement_of_the_same_files_until_retime(tm
 
     with pytest.raises(FileNotFoundError, match="'c'"):
         measure.cached_latency(ctx, {"c": tmp_path / "missing.onnx"}, None)
+
+
+def test_export_model_follows_the_profiles_onnx_simplify_and_is_cached(tmp_path, monkeypatch):
+    import numpy as np
+
+    from study import quant
+
+    seen = []
+    real = measure.export_onnx
+    monkeypatch.setattr(measure, "export_onnx",
+                        lambda m, p, hw, simplify=True: seen.append(simplify) or real(m, p, hw, simplify=simplify))
+    torch.manual_seed(0)
+    model = Tiny()
+    cache = ArtifactCache(tmp_path / "cache")
+    smoke = SimpleNamespace(profile=PROFILES["smoke"], cache=cache)
+    cpu = SimpleNamespace(profile=PROFILES["cpu"], cache=cache)
+    assert not measure.onnx_simplify(smoke) and measure.onnx_simplify(cpu)
+    a = measure.export_model(smoke, model, tmp_path / "a.onnx", (16, 16))
+    b = measure.export_model(cpu, model, tmp_path / "b.onnx", (16, 16))
+    c = measure.export_model(cpu, model, tmp_path / "c.onnx", (16, 16))   # same weights and shape: the cache
+    assert seen == [False, True] and c.read_bytes() == b.read_bytes()
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    for f in (a, b):                                                       # both graphs compute the model
+        np.testing.assert_allclose(quant.ort_predict(f, x), ref, rtol=1e-4, atol=1e-5)

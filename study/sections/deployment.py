@@ -34,7 +34,7 @@ from ..cache import make_key
 from ..models import model_complexity, model_fingerprint
 from ..train import seed_everything
 from .common import build, cached, eval_loader, finetune
-from .measure import cached_latency, protocol
+from .measure import cached_latency, onnx_simplify, protocol
 from .quantization import calibration_images
 from .rows import table_row
 
@@ -141,9 +141,9 @@ def variants(ctx, baseline: nn.Module, kd: nn.Module, pruned: nn.Module,
                     "train_steps": steps, "complexity": cx[id(module)]})
         return path
 
-    add(baseline, "baseline", "fp32", lambda p: quant.export_onnx(baseline, p, hw))
-    kd_fp32 = add(kd, "kd", "fp32", lambda p: quant.export_onnx(kd, p, hw))
-    add(pruned, pruned_method, "fp32", lambda p: quant.export_onnx(pruned, p, hw))
+    add(baseline, "baseline", "fp32", lambda p: quant.export_onnx(baseline, p, hw, simplify=onnx_simplify(ctx)))
+    kd_fp32 = add(kd, "kd", "fp32", lambda p: quant.export_onnx(kd, p, hw, simplify=onnx_simplify(ctx)))
+    add(pruned, pruned_method, "fp32", lambda p: quant.export_onnx(pruned, p, hw, simplify=onnx_simplify(ctx)))
     add(kd, "kd", "fp16", lambda p: quant.convert_fp16(kd_fp32, p))
     add(kd, "kd", "int8", lambda p: quant.quantize_int8(kd_fp32, p, calib_images=calibration_images(ctx)))
     return out

@@ -144,8 +144,7 @@ class LatencyPlan:
 
     def _onnx(self, model: nn.Module, fp: str, dest: Path) -> Path:
         """Export ``model`` once per weights fingerprint and shape (kept in the cache), copy it to ``dest``."""
-        return cached_file(self.ctx, dest, {"onnx": fp, "hw": list(self.hw)},
-                           lambda p: export_onnx(model, p, self.hw), name=f"{fp}-{self.hw[0]}x{self.hw[1]}")
+        return export_model(self.ctx, model, dest, self.hw, fp=fp, name=f"{fp}-{self.hw[0]}x{self.hw[1]}")
 
     def file(self, tag: str, runtime: str = "ort") -> Path | None:
         """The file written for ``tag`` and ``runtime`` (None when it could not be written)."""
@@ -289,6 +288,34 @@ def file_digest(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def onnx_simplify(ctx) -> bool:
+    """Whether the profile's ONNX exports run onnxslim (``extra["onnx_simplify"]``, default True).
+
+    ``smoke`` turns it off: onnxslim takes ~15 of the 18 s of a Swin teacher export at 64 px
+    (measured 2026-11-29), and the smoke build in the test suite exports ~50 models. Its
+    graphs are then unsimplified (same operators before ORT's own graph optimisation); the
+    simplifying export is tested on its own (``tests/test_quant.py``). Real profiles keep it.
+    """
+    return bool(ctx.profile.extra.get("onnx_simplify", True))
+
+
+def export_model(ctx, model: nn.Module, dest: str | Path, hw: Sequence[int], fp: str | None = None,
+                 name: str | None = None) -> Path:
+    """:func:`study.quant.export_onnx` of ``model`` at ``hw`` (px) with the profile's
+    :func:`onnx_simplify`, made once per weights fingerprint (``fp``, default
+    :func:`study.models.model_fingerprint`) and shape and kept in the cache (:func:`cached_file`).
+
+    Returns:
+        ``Path(dest)``, a float32 ONNX file with input ``image`` ``(1, 3, H, W)``.
+
+    Raises:
+        as :func:`study.quant.export_onnx` (a model that does not export).
+    """
+    simplify = onnx_simplify(ctx)
+    key = {"onnx": fp or model_fingerprint(model), "hw": list(hw), **({} if simplify else {"simplify": False})}
+    return cached_file(ctx, dest, key, lambda p: export_onnx(model, p, tuple(hw), simplify=simplify), name=name)
 
 
 def cached_file(ctx, dest: str | Path, key: dict, make, name: str | None = None,

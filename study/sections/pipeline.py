@@ -63,7 +63,7 @@ from ..train import seed_everything
 from . import distillation
 from . import quantization
 from .common import build, cached, finetune, finetune_config
-from .measure import cached_file, cached_latency, file_digest
+from .measure import cached_file, cached_latency, export_model, file_digest, onnx_simplify
 from .quantization import calibration_images, eval_arrays
 from .rows import table_row
 from .structured_pruning import calibration_batches
@@ -454,7 +454,8 @@ def alignment_twin(ctx, student: nn.Module, fraction: float, work_dir: str | Pat
     s, g = sparsity_for_target(ctx, student, fraction, round_to=None)
     m = copy.deepcopy(student).cpu().eval()
     prune.prune_structured(m, hw, s)
-    path = quant.export_onnx(m, Path(work_dir) / f"unaligned-f{fraction:g}.fp32.onnx", hw)
+    path = quant.export_onnx(m, Path(work_dir) / f"unaligned-f{fraction:g}.fp32.onnx", hw,
+                             simplify=onnx_simplify(ctx))
     return {"path": path, "sparsity": s, "gmacs": g}
 
 
@@ -519,8 +520,7 @@ def export_variants(model: nn.Module, work_dir: str | Path, name: str, hw: Seque
     recipe = quant.INT8_RECIPES[int8_recipe]
     work = Path(work_dir)
     hw = tuple(hw)
-    fp32 = cached_file(ctx, work / f"{name}.fp32.onnx", {"onnx": model_fingerprint(model), "hw": list(hw)},
-                       lambda q: quant.export_onnx(model, q, hw))
+    fp32 = export_model(ctx, model, work / f"{name}.fp32.onnx", hw)
     src = file_digest(fp32)
     out = {}
     for p in precisions:

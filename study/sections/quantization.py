@@ -34,8 +34,7 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD, load_split_arrays
 from .common import build, loaders, trained_model
 from .rows import table_row
 from .distillation import kd_student
-from ..models import model_fingerprint
-from .measure import cached_file, cached_latency, file_digest, protocol
+from .measure import cached_file, cached_latency, export_model, file_digest, protocol
 from .structured_pruning import pruned_variant
 
 SECTION = "quantization"
@@ -284,9 +283,7 @@ def build_recipes(fp32_path: str | Path, recipes: Iterable[quant.Int8Recipe], ca
 def export_fp32(ctx, model: nn.Module, path: str | Path) -> Path:
     """:func:`study.quant.export_onnx` of ``model`` at :func:`input_hw`, made once per weights
     fingerprint and kept in the cache (:func:`.measure.cached_file`)."""
-    hw = input_hw(ctx)
-    return cached_file(ctx, path, {"onnx": model_fingerprint(model), "hw": list(hw)},
-                       lambda p: quant.export_onnx(model.eval(), p, hw))
+    return export_model(ctx, model.eval(), path, input_hw(ctx))
 
 
 def array_digest(a: np.ndarray) -> str:
