@@ -421,13 +421,21 @@ def torch_lowp(model: torch.nn.Module, dtype: torch.dtype, input_hw=64) -> tuple
 # --------------------------------------------------------------------------------------
 
 class _quiet_root_logger:
-    """Silence the root-logger WARNINGs ORT's quantizer prints per tensor (e.g. LayerNorm per-channel axis)."""
+    """Silence the root-logger WARNINGs ORT's quantizer prints per tensor (e.g. LayerNorm
+    per-channel axis) and the lines its histogram calibrator prints to stdout per pass
+    ("Collecting tensor data and making histogram ...": one per image at 512 px)."""
 
     def __enter__(self):
+        import contextlib
+        import io
+
         self._prev = logging.root.manager.disable
         logging.disable(logging.WARNING)
+        self._out = contextlib.redirect_stdout(io.StringIO())
+        self._out.__enter__()
 
     def __exit__(self, *exc):
+        self._out.__exit__(*exc)
         logging.disable(self._prev)
 
 
@@ -831,7 +839,7 @@ def calibration_table(fp32_path: str | os.PathLike, calib_images, out_path: str 
     opts = {"symmetric": bool(activation_symmetric)}
     if str(method).lower() == "percentile":
         opts["percentile"] = float(percentile)
-    with tempfile.TemporaryDirectory(prefix="ort_calib_") as tmpd:
+    with tempfile.TemporaryDirectory(prefix="ort_calib_") as tmpd, _quiet_root_logger():
         cal = create_calibrator(pre, None, augmented_model_path=str(Path(tmpd) / "augmented.onnx"),
                                 calibrate_method=_calib_method(method), extra_options=opts)
         for start in range(0, len(reader), step):      # one pass unless a histogram is too big
