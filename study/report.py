@@ -313,6 +313,11 @@ def _prerender_math(cell) -> None:
                 data["text/markdown"] = render_math("".join(md) if isinstance(md, list) else md)
 
 
+#: Said above the claims table of a ``--fast-dev-run`` report.
+_DRY_RUN_NOTE = (" **This is a dry run (`--fast-dev-run`): every training took 2 optimizer steps, so no "
+                 "number in this report is a result and no claim is judged.**")
+
+
 def build_report(out_dir: Path, run_rec: dict) -> Path:
     """Combine the executed notebooks of ``out_dir`` into one self-contained ``report.html``.
 
@@ -326,7 +331,7 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
             ("finished", run_rec.get("finished")), ("CPU", f"{run_rec.get('cpu_model')} ({run_rec.get('cpu_cores')} cores)"),
             ("python", run_rec.get("python")),
             ("packages", ", ".join(f"{k} {v}" for k, v in run_rec.get("packages", {}).items() if v))]
-    claims = claims_table(out_dir / "tables", run_rec["profile"])
+    claims = claims_table(out_dir / "tables", run_rec["profile"], dry_run=bool(run_rec.get("fast_dev_run")) or None)
     atomic_write_text(out_dir / "claims.csv", claims.to_csv(index=False))
     toc = []
     for stem in NOTEBOOKS:
@@ -352,7 +357,7 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
         "## Claims of the sources, checked by this run\n\n"
         "Each row: the number a source published (never mixed with ours), this run's number from "
         "the section tables, and a verdict computed from the two (rules in `study/sections/claims.py`; "
-        f"also `claims.csv`).\n\n{claims_html}\n\n"
+        f"also `claims.csv`).{_DRY_RUN_NOTE if run_rec.get('fast_dev_run') else ''}\n\n{claims_html}\n\n"
         f"<table class='sc-prov'>{rows}</table>\n\n## Contents\n<ul>{''.join(toc)}</ul>\n\n"
         "Tables are in `tables/` beside this file (CSV and Markdown); figures in `figures/`."))
     for stem in NOTEBOOKS:

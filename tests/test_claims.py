@@ -1,4 +1,6 @@
 """The claims table computes its verdicts from the section tables (never types them)."""
+from pathlib import Path
+
 import pandas as pd
 
 from study import report
@@ -52,6 +54,23 @@ def test_opposite_sign_and_missing_interval(tmp_path):
     assert kd.verdict == C.SIGN_ONLY and "no interval" in kd.reason
 
 
+def test_a_dry_run_reproduces_nothing(tmp_path):
+    """The paper dry run's tables (2 optimizer steps) once gave 'reproduced' verdicts in its report."""
+    _write(tmp_path, "distillation", [
+        {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30, "dry_run": True},
+        {"model": "upernet_mobilevit_s", "method": "mse", "miou": 0.31, "dry_run": True}])
+    for dry in (None, True):                                  # read from the tables, or said by the run
+        kd = C.claims_table(tmp_path, "paper", dry_run=dry).iloc[0]
+        assert kd.verdict == C.NOT_COMPARABLE and "dry run" in kd.reason and kd.profile == "paper (dry run)"
+        assert "0.3" in kd.this_run                           # the number is still shown
+    missing = C.claims_table(tmp_path, "paper").set_index("notebook").loc["06_bilevel_search"]
+    assert (missing.verdict == C.NOT_MEASURED).all()          # absent stays absent
+    _write(tmp_path, "distillation", [
+        {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30, "dry_run": False},
+        {"model": "upernet_mobilevit_s", "method": "mse", "miou": 0.31, "dry_run": False}])
+    assert C.claims_table(tmp_path, "cpu").iloc[0].verdict == C.SIGN_ONLY
+
+
 def test_render_math_converts_wrapped_inline_and_display_math_but_not_prices_or_code():
     out = report.render_math("loss $\\mathcal{L} = a +\nb$ and $$\\frac{1}{2}$$, `$x$`, $5 and $6.")
     assert out.count("<math") == 2 and "`$x$`" in out and "$5 and $6" in out
@@ -83,3 +102,15 @@ def test_best_beta_and_lambda_are_read_on_val_as_the_notebook_chooses():
     text, verdict, _ = claims._beta_lambda(t, "cpu")
     # on val: beta 0.01 (source's) and lam 0.01 (not the source's 0.1); on test it would be 0.1 / 0.1
     assert text == "best beta = 0.01, best lam = 0.01 (on val)" and verdict == claims.NOT_REPRODUCED
+
+
+def test_dry_run_report_says_so_above_its_claims(tmp_path):
+    (tmp_path / "tables").mkdir()
+    _write(tmp_path / "tables", "distillation", [
+        {"model": "upernet_mobilevit_s", "method": "none", "miou": 0.30, "dry_run": True},
+        {"model": "upernet_mobilevit_s", "method": "mse", "miou": 0.31, "dry_run": True}])
+    rec = {"profile": "paper", "seed": 0, "data_root": "lpcvc", "fast_dev_run": True, "notebooks": []}
+    html = Path(report.build_report(tmp_path, rec)).read_text()
+    assert "This is a dry run" in html and "<i>not comparable at this profile</i>" in html
+    assert "<i>reproduced</i>" not in html and "<i>not reproduced</i>" not in html
+    assert "paper (dry run)" in (tmp_path / "claims.csv").read_text()

@@ -15,6 +15,9 @@ Verdicts:
 - ``not reproduced``: the opposite sign (or no speed-up where one was claimed).
 - ``not comparable at this profile``: different hardware or setting; the reason says why.
 - ``not measured in this run``: the table or row is missing (e.g. the section did not run).
+
+A dry run (``--fast-dev-run``: 2 optimizer steps per training) has numbers but no results:
+every claim it measures is ``not comparable at this profile``, its value still shown.
 """
 from __future__ import annotations
 
@@ -304,12 +307,19 @@ CLAIMS = (
 )
 
 
-def claims_table(tables_dir: str | Path, profile: str) -> pd.DataFrame:
+DRY_RUN_REASON = "dry run (--fast-dev-run): 2 optimizer steps per training, so its numbers test the code, not the claim"
+
+
+def claims_table(tables_dir: str | Path, profile: str, dry_run: bool | None = None) -> pd.DataFrame:
     """Evaluate every :data:`CLAIMS` entry on the section tables in ``tables_dir``.
 
     Args:
         tables_dir: ``build/<profile>/tables`` (``<section>.csv`` files).
         profile: the run's profile name (stated in each row).
+        dry_run: whether the tables come from a ``--fast-dev-run``; None: read from the
+            tables' ``dry_run`` column (any true value). A dry run's measured claims are
+            ``not comparable at this profile`` (:data:`DRY_RUN_REASON`) and its rows' profile
+            says ``(dry run)``.
 
     Returns:
         DataFrame with ``source, claim, reported, this_run, profile, verdict, reason,
@@ -317,12 +327,17 @@ def claims_table(tables_dir: str | Path, profile: str) -> pd.DataFrame:
     """
     tables_dir = Path(tables_dir)
     tables = {p.stem: pd.read_csv(p) for p in sorted(tables_dir.glob("*.csv"))}
+    if dry_run is None:
+        dry_run = any(t["dry_run"].fillna(False).astype(bool).any() for t in tables.values() if "dry_run" in t)
     rows = []
     for c in CLAIMS:
         try:
             value, verdict, reason = c.measure(tables, profile)
         except (KeyError, ValueError, TypeError) as exc:  # a table without the expected columns
             value, verdict, reason = "-", NOT_MEASURED, f"table lacks what the claim needs ({exc!r})"
+        if dry_run and verdict != NOT_MEASURED:
+            verdict, reason = NOT_COMPARABLE, DRY_RUN_REASON
         rows.append({"source": c.source, "claim": c.claim, "reported": c.reported, "this_run": value,
-                     "profile": profile, "verdict": verdict, "reason": reason, "notebook": c.notebook})
+                     "profile": f"{profile} (dry run)" if dry_run else profile, "verdict": verdict,
+                     "reason": reason, "notebook": c.notebook})
     return pd.DataFrame(rows)
