@@ -293,12 +293,14 @@ def file_digest(path: str | Path) -> str:
 def onnx_simplify(ctx) -> bool:
     """Whether the profile's ONNX exports run onnxslim (``extra["onnx_simplify"]``, default True).
 
-    ``smoke`` turns it off: onnxslim takes ~15 of the 18 s of a Swin teacher export at 64 px
-    (measured 2026-11-29), and the smoke build in the test suite exports ~50 models. Its
-    graphs are then unsimplified (same operators before ORT's own graph optimisation); the
-    simplifying export is tested on its own (``tests/test_quant.py``). Real profiles keep it.
+    ``smoke`` turns it off: onnxslim is most of an export's time at 64 px
+    (``benchmarks/bench_onnx_export.py``, recorded in ``benchmarks/results/``), and the smoke
+    build of the test suite exports dozens of models. Its graphs are then unsimplified (ORT
+    still optimises them when it loads them); the simplifying export is tested on its own
+    (``tests/test_quant.py``). Real profiles keep it. Without a profile (``ctx`` None): True.
     """
-    return bool(ctx.profile.extra.get("onnx_simplify", True))
+    extra = getattr(getattr(ctx, "profile", None), "extra", None) or {}
+    return bool(extra.get("onnx_simplify", True))
 
 
 def export_model(ctx, model: nn.Module, dest: str | Path, hw: Sequence[int], fp: str | None = None,
