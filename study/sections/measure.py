@@ -53,6 +53,18 @@ COLUMNS = {"latency_ms_p50": "latency_ms_p50_{rt}", "latency_ms_p50_ci95_low": "
            "pct_of_peak": "pct_of_peak_{rt}"}
 
 
+def dry_run_protocol(profile) -> dict | None:
+    """The benchmark settings of a dry run (``profile.dry_run``; issue #17: "3 runs per
+    benchmark"), or None for a real profile: ``bench_min_runs`` (3) interleaved rounds, each a
+    fresh process with one timed run and ``bench_warmup_runs`` (0) warm-up runs, no timed
+    minimum (s). Keyword arguments of :func:`study.bench.compare_latency`; shared by
+    :func:`protocol` and :func:`study.sections.pipeline.protocol_settings`."""
+    if not getattr(profile, "dry_run", False):
+        return None
+    return {"rounds": max(2, int(profile.bench_min_runs)), "warmup_s": 0.0, "min_s": 0.0, "min_runs": 1,
+            "warmup_runs": int(profile.bench_warmup_runs)}
+
+
 def protocol(ctx) -> dict:
     """The protocol settings of the context's profile (keyword arguments of :func:`study.bench.compare_latency`).
 
@@ -69,9 +81,9 @@ def protocol(ctx) -> dict:
     is 3 timed runs (it was 5 rounds x (3 warm-up + 3 timed) before).
     """
     p = ctx.profile
-    if getattr(p, "dry_run", False):
-        return {"threads": bench.default_threads(), "rounds": max(2, int(p.bench_min_runs)), "warmup_s": 0.0,
-                "min_s": 0.0, "min_runs": 1, "warmup_runs": int(p.bench_warmup_runs)}
+    dry = dry_run_protocol(p)
+    if dry:
+        return {"threads": bench.default_threads(), **dry}
     return {"threads": bench.default_threads(), "rounds": int(p.extra.get("latency_rounds", 5)),
             "warmup_s": p.bench_warmup_s / 2, "min_s": p.bench_min_s / 3,
             "min_runs": max(3, p.bench_min_runs // 5), "warmup_runs": 3}

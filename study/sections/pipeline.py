@@ -63,7 +63,7 @@ from ..train import seed_everything
 from . import distillation
 from . import quantization
 from .common import build, cached, finetune, finetune_config
-from .measure import cached_file, cached_latency, export_model, file_digest, onnx_simplify
+from .measure import cached_file, cached_latency, dry_run_protocol, export_model, file_digest, onnx_simplify
 from .quantization import calibration_images, eval_arrays
 from .rows import table_row
 from .structured_pruning import calibration_batches
@@ -576,9 +576,9 @@ def protocol_settings(profile, rounds: int = 5) -> dict:
     each variant ``bench_min_runs`` (3) times: that many rounds of one run, no warm-up (as
     :func:`study.sections.measure.protocol`).
     """
-    if getattr(profile, "dry_run", False):
-        return {"rounds": max(2, int(profile.bench_min_runs)), "warmup_s": 0.0, "min_s": 0.0, "min_runs": 1,
-                "warmup_runs": int(profile.bench_warmup_runs)}
+    dry = dry_run_protocol(profile)
+    if dry:
+        return dry
     return {"rounds": int(rounds), "warmup_s": profile.bench_warmup_s / 2, "min_s": profile.bench_min_s / rounds,
             "min_runs": max(5, profile.bench_min_runs // rounds)}
 
