@@ -36,14 +36,6 @@ print(json.dumps({"seconds": time.perf_counter() - t,
 """
 
 
-def _commit() -> str:
-    """Short HEAD commit, with ``+dirty`` when tracked files differ from it."""
-    git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-    return head + ("+dirty" if dirty.strip() else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512, help="square input, px")
@@ -54,10 +46,10 @@ def main() -> None:
 
     import torch
 
-    from study import models, quant
+    from study import bench, models, quant
 
     lines = [f"# calibration peak RSS, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-             f"commit {_commit()}",
+             f"commit {(g := bench.git_commit())['commit'] or '?'}{' (study/ modified)' if g['dirty'] else ''}",
              f"# upernet_mobilevit_s (seeded, untrained) at {args.size} px, {args.images} images, CALIB_MAX_MB {quant.CALIB_MAX_MB:g}"]
     with tempfile.TemporaryDirectory(prefix="calmem_") as tmp:
         torch.manual_seed(0)

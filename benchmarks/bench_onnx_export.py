@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -33,15 +31,15 @@ def main() -> None:
     import onnx
     import torch
 
-    from study import models, quant
+    from study import bench, models, quant
     from study.profiles import PROFILES
     from study.sections.common import model_kwargs
 
     torch.set_num_threads(args.threads)
     prof = PROFILES[args.profile]
     hw = (prof.image_size, prof.image_size)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    g = bench.git_commit()
+    commit = f"{g['commit'] or '?'}{' (study/ modified)' if g['dirty'] else ''}"
     lines = [f"# ONNX export time, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, commit {commit}, "
              f"torch threads {args.threads}, profile {args.profile} ({hw[0]} px), median of {args.repeats}",
              "model                      simplify  seconds  nodes"]
