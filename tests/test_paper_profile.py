@@ -206,3 +206,33 @@ def test_gpu_extra_pins_the_cuda13_builds_and_environment_yml_mirrors_it():
     assert commented == gpu
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     assert "CUDAExecutionProvider" in script and "--runtime trt" in script
+
+
+def test_profile_breakdown_counts_each_sample_once_under_the_root(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_breakdown", ROOT / "benchmarks" / "profile_breakdown.py")
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+    cell = "InteractiveShell.run_code (IPython/core/interactiveshell.py:3601)"
+    lines = [
+        f"{cell};finetune (study/sections/common.py:10);train (study/train.py:5) 30\n",
+        # an evaluation inside a training is training time (first category wins)
+        f"{cell};finetune (study/sections/common.py:10);evaluate (study/train.py:321) 10\n",
+        f"{cell};test_confusions (study/sections/common.py:113) 20\n",
+        f"{cell};prune_iteratively (study/prune.py:1002) 20\n",
+        f"{cell};deepcopy (copy.py:1) 20\n",
+        "Thread.run (threading.py:1);Event.wait (threading.py:2) 500\n",  # idle kernel thread: not counted
+    ]
+    total, cats = pb.breakdown(lines, "run_code", rate=10.0)
+    got = dict(cats)
+    assert total == pytest.approx(10.0)
+    assert got["training steps (finetune / train)"] == pytest.approx(4.0)
+    assert got["evaluation at the profile's shapes"] == pytest.approx(2.0)
+    assert got["pruning (importance, graph, surgery)"] == pytest.approx(2.0)
+    assert got["other (copies, data set-up, Python)"] == pytest.approx(2.0)
+    assert sum(got.values()) == pytest.approx(total)
+    with pytest.raises(ValueError, match="line 2"):
+        pb.breakdown([lines[0], "not a stack\n"], "run_code", 20.0)
+    with pytest.raises(ValueError, match="run_study"):
+        pb.breakdown(lines, "run_study", 20.0)
