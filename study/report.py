@@ -41,12 +41,44 @@ PINNED = ("torch", "torchvision", "timm", "torch-pruning", "onnx", "onnxruntime"
           "pandas", "matplotlib", "seaborn", "scikit-image", "albumentations", "papermill", "nbconvert")
 
 
-def provenance() -> dict:
-    """Git commit, package versions, Python, CPU model and core count of this machine."""
+def _dirty_note(run_rec: dict) -> str:
+    """" (uncommitted changes: a, b, c and N more)" for a dirty run's commit line; "" when clean."""
+    if not run_rec.get("git_dirty"):
+        return ""
+    paths = list(run_rec.get("git_dirty_paths") or [])
+    if not paths:
+        return " (uncommitted changes)"
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    return f" (uncommitted changes: {', '.join(paths[:3])}{more})"
+
+
+#: What a run executes: a change here makes its ``run.json`` "dirty". The run's own outputs
+#: (``figures/``, written by a real profile's notebooks) and untracked set-up files (a
+#: ``.venv`` link) are not code.
+CODE_PATHS = ("study", "notebooks", "run_all.sh", "pyproject.toml", "environment.yml")
+
+
+def provenance(repo: Path | None = None) -> dict:
+    """Git commit, package versions, Python, CPU model and core count of this machine.
+
+    Called by :func:`run` before the first notebook, so the commit is the code that ran
+    (not whatever HEAD is when the run ends).
+
+    Args:
+        repo: the repository (default: this package's checkout).
+
+    Returns:
+        dict with ``git_commit`` ("" without git), ``git_dirty`` (True when a path of
+        :data:`CODE_PATHS` is modified or untracked), ``git_dirty_paths`` (at most 20),
+        ``python``, ``packages`` ({name: version or None}), ``cpu_model``, ``cpu_cores``,
+        ``hostname``.
+    """
+    repo = Path(repo or REPO_ROOT)
+
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                                  timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
     cpu = platform.processor() or ""
@@ -63,7 +95,9 @@ def provenance() -> dict:
             pkgs[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pkgs[name] = None
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+    dirty = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS).splitlines()
+             if ln.strip()]
+    return {"git_commit": git("rev-parse", "HEAD").strip(), "git_dirty": bool(dirty), "git_dirty_paths": dirty[:20],
             "python": platform.python_version(), "packages": pkgs, "cpu_model": cpu,
             "cpu_cores": os.cpu_count(), "hostname": platform.node()}
 
@@ -189,6 +223,7 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
               "fresh": fresh, "bench_host": bench_host, "weights_dir": prof.weights_dir,
               "fast_dev_run": bool(fast_dev_run)}
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    prov = provenance()  # before the notebooks: the code that runs, not what HEAD is at the end
     records = []
     if int(jobs) < 1:
         raise ValueError(f"run: jobs must be >= 1, got {jobs!r}")
@@ -227,7 +262,7 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
                "nproc": int(nproc), "nnodes": int(nnodes), "rdzv_endpoint": rdzv_endpoint,
                "full_grid": bool(full_grid), "retime": bool(retime), "cache_dir": cache_dir, "jobs": int(jobs),
                "omp_wait_policy": env.get("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)")),
-               "profile_config": prof.to_dict(), **provenance(),
+               "profile_config": prof.to_dict(), **prov,
                "notebooks": [prev[s] for s in NOTEBOOKS if s in prev],
                "failed": [r["name"] for r in records if r["status"] != "ok"]}
     atomic_write_text(out / "run.json", json.dumps(run_rec, indent=2, default=str))
@@ -327,7 +362,7 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
     status = {n["name"]: n for n in run_rec.get("notebooks", [])}
     cells = []
     prov = [("profile", run_rec["profile"]), ("seed", run_rec["seed"]), ("data", run_rec["data_root"]),
-            ("git commit", run_rec.get("git_commit", "") + (" (dirty)" if run_rec.get("git_dirty") else "")),
+            ("git commit", run_rec.get("git_commit", "") + _dirty_note(run_rec)),
             ("finished", run_rec.get("finished")), ("CPU", f"{run_rec.get('cpu_model')} ({run_rec.get('cpu_cores')} cores)"),
             ("python", run_rec.get("python")),
             ("packages", ", ".join(f"{k} {v}" for k, v in run_rec.get("packages", {}).items() if v))]

@@ -198,3 +198,32 @@ def test_notebook_runs_top_to_bottom_without_papermill(smoke_build, tmp_path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_provenance_is_dirty_only_for_code_changes(tmp_path):
+    """A run's own figures/ and an untracked .venv link are not code; an edit under study/ is."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "study" / "a.py").write_text("x = 1\n")
+    (tmp_path / "figures" / "f.png").write_bytes(b"1")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    (tmp_path / "figures" / "f.png").write_bytes(b"2")   # what a real profile's run writes
+    (tmp_path / ".venv").symlink_to(tmp_path / "figures")
+    prov = runner.provenance(tmp_path)
+    assert len(prov["git_commit"]) == 40 and prov["git_dirty"] is False and prov["git_dirty_paths"] == []
+    (tmp_path / "study" / "a.py").write_text("x = 2\n")
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "new.ipynb").write_text("{}")
+    prov = runner.provenance(tmp_path)
+    assert prov["git_dirty"] is True and sorted(prov["git_dirty_paths"]) == ["notebooks/new.ipynb", "study/a.py"]
+    assert runner._dirty_note(prov) == f" (uncommitted changes: {', '.join(prov['git_dirty_paths'])})"
+    many = {"git_dirty": True, "git_dirty_paths": [f"study/m{i}.py" for i in range(5)]}
+    assert runner._dirty_note(many) == " (uncommitted changes: study/m0.py, study/m1.py, study/m2.py and 2 more)"
+    assert runner._dirty_note({"git_dirty": False}) == ""
