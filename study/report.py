@@ -41,6 +41,15 @@ PINNED = ("torch", "torchvision", "timm", "torch-pruning", "onnx", "onnxruntime"
           "pandas", "matplotlib", "seaborn", "scikit-image", "albumentations", "papermill", "nbconvert")
 
 
+def _cache_note(rec: dict) -> str:
+    """How much of a notebook's run was computed: ", everything read from the cache" when it
+    wrote no cache entry, ", N results computed" otherwise; "" without a count (older run.json)."""
+    n = rec.get("cache_writes")
+    if n is None:
+        return ""
+    return ", everything read from the cache" if n == 0 else f", {n} cache entr{'y' if n == 1 else 'ies'} computed"
+
+
 def _dirty_note(run_rec: dict) -> str:
     """" (uncommitted changes: a, b, c and N more)" for a dirty run's commit line; "" when clean."""
     if not run_rec.get("git_dirty"):
@@ -120,23 +129,51 @@ def _failure(exc) -> dict:
                                           f"{getattr(exc, 'evalue', str(exc))}"[:2000]}
 
 
-def run_notebook(stem: str, out_dir: Path, params: dict, kernel: str = "python3") -> dict:
+def cache_writes(cache_root: Path, since: float, until: float) -> int:
+    """Number of cache entries written between ``since`` and ``until`` (epoch s, file mtimes):
+    how much of a notebook was computed rather than read from the cache.
+
+    Counts the files under ``cache_root`` (result entries, cached ONNX files, generated
+    data), skipping in-flight temporary files; 0 when the folder does not exist.
+    """
+    n = 0
+    if not Path(cache_root).is_dir():
+        return 0
+    for f in Path(cache_root).rglob("*"):
+        try:
+            if f.is_file() and not f.name.startswith(".") and ".tmp" not in f.name and since <= f.stat().st_mtime <= until:
+                n += 1
+        except OSError:  # removed while we looked (another kernel's temporary file)
+            continue
+    return n
+
+
+def run_notebook(stem: str, out_dir: Path, params: dict, kernel: str = "python3",
+                 cache_root: Path | None = None) -> dict:
     """Execute ``notebooks/<stem>.ipynb`` into ``<out_dir>/notebooks/`` with ``params``.
 
+    Args:
+        cache_root: the run's cache folder; with it the record counts the entries written
+            while the notebook ran (:func:`cache_writes`; with ``--jobs`` > 1 notebooks
+            overlap, so the count includes the other kernels' writes).
+
     Returns:
-        dict with ``name, sections, status ('ok'|'failed'), seconds, failed_cell, error, output``.
+        dict with ``name, sections, status ('ok'|'failed'), seconds, failed_cell, error, output``
+        and, with ``cache_root``, ``cache_writes``.
     """
     dst = out_dir / "notebooks" / f"{stem}.ipynb"
     dst.parent.mkdir(parents=True, exist_ok=True)
     rec = {"name": stem, "sections": list(NOTEBOOKS[stem]), "status": "ok", "failed_cell": None,
            "error": None, "output": str(dst.relative_to(out_dir))}
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     try:
         pm.execute_notebook(str(NB_DIR / f"{stem}.ipynb"), str(dst), parameters=params, kernel_name=kernel,
                             cwd=str(NB_DIR), progress_bar=False, log_output=False)
     except Exception as exc:  # noqa: BLE001 - recorded and reported, the run goes on
         rec.update(status="failed", **_failure(exc))
     rec["seconds"] = round(time.perf_counter() - t0, 2)
+    if cache_root is not None:
+        rec["cache_writes"] = cache_writes(cache_root, wall0 - 1.0, time.time() + 1.0)
     return rec
 
 
@@ -229,10 +266,10 @@ def run(profile: str, seed: int = 0, data_root: str = "", sections: list[str] | 
         raise ValueError(f"run: jobs must be >= 1, got {jobs!r}")
 
     def one(stem):
-        rec = run_notebook(stem, out, params, kernel)
+        rec = run_notebook(stem, out, params, kernel, cache_root=build / "cache")
         flag = "ok" if rec["status"] == "ok" else "FAILED"
         extra = "" if rec["status"] == "ok" else f"  cell {rec['failed_cell']}: {rec['error'].splitlines()[0]}"
-        print(f"[{flag:>6}] {stem:<24} {rec['seconds']:8.1f} s{extra}", flush=True)
+        print(f"[{flag:>6}] {stem:<24} {rec['seconds']:8.1f} s{extra}{_cache_note(rec)}", flush=True)
         return rec
 
     try:
@@ -377,6 +414,7 @@ def build_report(out_dir: Path, run_rec: dict) -> Path:
         verdicts = "; ".join(f"{html.escape(r.claim)}: <i>{html.escape(r.verdict)}</i>" for r in mine.itertuples())
         toc.append(f"<li><a href='#{stem}'>{stem}</a> ({', '.join(NOTEBOOKS[stem])}): <b>{st}</b>"
                    + (f", {secs:.0f} s" if secs is not None else "")
+                   + _cache_note(status.get(stem, {}))
                    + (f"<br><small>{verdicts}</small>" if verdicts else "") + "</li>")
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in prov)
     claim_rows = "".join(

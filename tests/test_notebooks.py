@@ -146,6 +146,7 @@ def test_failing_notebook_does_not_stop_the_others(tmp_path, monkeypatch):
     assert st["a_fails"]["status"] == "failed" and "boom in a" in st["a_fails"]["error"]
     assert st["b_works"]["status"] == "ok"
     assert rec["failed"] == ["a_fails"]
+    assert st["b_works"]["cache_writes"] == 0  # nothing computed: the report says "everything read from the cache"
 
 
 def test_jobs_run_the_head_notebooks_first_then_the_rest_at_once(tmp_path, monkeypatch):
@@ -227,3 +228,21 @@ def test_provenance_is_dirty_only_for_code_changes(tmp_path):
     many = {"git_dirty": True, "git_dirty_paths": [f"study/m{i}.py" for i in range(5)]}
     assert runner._dirty_note(many) == " (uncommitted changes: study/m0.py, study/m1.py, study/m2.py and 2 more)"
     assert runner._dirty_note({"git_dirty": False}) == ""
+
+
+def test_cache_writes_counts_entries_written_in_the_window(tmp_path):
+    import os
+
+    cache = tmp_path / "cache"
+    (cache / "files").mkdir(parents=True)
+    for name, t in [("old.pt", 100.0), ("new.pt", 200.0), ("files/m.onnx", 250.0), ("late.pt", 400.0),
+                    (".x.pt.tmp", 200.0)]:
+        (cache / name).write_bytes(b"x")
+        os.utime(cache / name, (t, t))
+    assert runner.cache_writes(cache, 150.0, 300.0) == 2          # new.pt, files/m.onnx; not the temp file
+    assert runner.cache_writes(cache, 0.0, 1e12) == 4
+    assert runner.cache_writes(tmp_path / "absent", 0.0, 1e12) == 0
+    assert runner._cache_note({"cache_writes": 0}) == ", everything read from the cache"
+    assert runner._cache_note({"cache_writes": 1}) == ", 1 cache entry computed"
+    assert runner._cache_note({"cache_writes": 7}) == ", 7 cache entries computed"
+    assert runner._cache_note({}) == ""
