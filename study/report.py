@@ -43,7 +43,7 @@ PINNED = ("torch", "torchvision", "timm", "torch-pruning", "onnx", "onnxruntime"
 
 def _cache_note(rec: dict) -> str:
     """How much of a notebook's run was computed: ", everything read from the cache" when it
-    wrote no cache entry, ", N results computed" otherwise; "" without a count (older run.json)."""
+    wrote no cache entry, ", N cache entries computed" otherwise; "" without a count (older run.json)."""
     n = rec.get("cache_writes")
     if n is None:
         return ""
