@@ -45,8 +45,8 @@ def breakdown(lines, root: str, rate: float) -> tuple[float, list[tuple[str, flo
         if not stack or not n.isdigit():
             raise ValueError(f"line {i} is not py-spy raw output ('frame;...;frame count'): {line[:80]!r}")
         frames = stack.split(";")
-        if not any(f.split(" (")[0] in (root, f"InteractiveShell.{root}") or f.split(" (")[0].endswith("." + root)
-                   for f in frames):
+        names = [f.split(" (")[0] for f in frames]  # "Class.method" or "function"
+        if not any(n == root or n.endswith("." + root) for n in names):
             continue
         total += int(n)
         for name, keys in CATEGORIES:
